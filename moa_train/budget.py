@@ -1,0 +1,60 @@
+"""Parameter accounting and the token budget: pure functions of a model and the config."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from .errors import ConfigError
+from .ffn import FFN
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """total, active (per token), non_embedding (without token embedding and output head), ffn_extra.
+
+    A module may define `inactive_parameter_count()` (routed experts a token does not visit);
+    active is total minus those. Tied weights are counted once.
+    """
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in params.values())
+    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "output", None)
+    if head is not None:
+        embedding |= {id(p) for p in head.parameters()}
+    non_embedding = sum(p.numel() for i, p in params.items() if i not in embedding)
+    inactive = sum(m.inactive_parameter_count() for m in model.modules()
+                   if hasattr(m, "inactive_parameter_count"))
+    ffn_extra = sum(p.numel() for m in model.modules() if isinstance(m, FFN) for p in m.extra_parameters())
+    return {"total": total, "active": total - inactive, "non_embedding": non_embedding, "ffn_extra": ffn_extra}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    budget_tokens: int  # tokens_per_param * counted parameters
+    tokens_per_step: int  # global batch in tokens
+    steps: int
+    batch_size: int  # global, sequences
+    micro_batch_size: int  # per process, sequences
+    grad_accum: int
+    world_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_run(train_cfg, budget_cfg, counts: dict[str, int], world_size: int = 1) -> RunPlan:
+    batch = train_cfg.batch_size
+    if batch % world_size:
+        raise ConfigError("train.batch_size", f"{batch} is not divisible by the {world_size} processes.")
+    per_rank = batch // world_size
+    micro = train_cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError("train.micro_batch_size",
+                          f"{micro} does not divide the per-process batch {per_rank} "
+                          f"(train.batch_size={batch} over {world_size} processes).")
+    tokens_per_step = batch * train_cfg.seq_len
+    budget_tokens = int(budget_cfg.tokens_per_param * counts[budget_cfg.count])
+    steps = train_cfg.max_steps or max(1, math.ceil(budget_tokens / tokens_per_step))
+    return RunPlan(budget_tokens, tokens_per_step, steps, batch, micro, per_rank // micro, world_size)

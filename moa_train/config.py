@@ -1,0 +1,256 @@
+"""Config schemas (one dataclass per Hydra group) and the value checks Hydra cannot express.
+
+The YAML files under conf/ are merged onto `RunConfig`, so an unknown key or a value of the
+wrong type in any group is refused by OmegaConf while Hydra composes the config. Range and
+choice checks live in `validate_config`, which runs before any data is read or model built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = "dense"
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: int | None = None  # None: as many as n_heads (no grouped-query attention)
+    vocab_size: int = MISSING
+    # None: 4*dim for Type-I FFNs, 8/3*dim rounded up to ffn_multiple_of for Type-II, so that
+    # both families hold the same 8*dim^2 projection parameters per layer.
+    ffn_hidden: int | None = None
+    ffn_multiple_of: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class FFNConfig:
+    name: str = MISSING
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    warmup_steps: int | None = None  # None: warmup_frac of the total steps
+    warmup_frac: float = 0.02
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optim.lr
+    decay_frac: float = 0.2  # wsd: the decay phase is the last decay_frac of the steps
+    decay_shape: str = "linear"  # wsd decay: linear | sqrt | cosine
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int | None = None  # None: model.vocab_size
+
+
+@dataclass
+class DataConfig:
+    name: str = "shakespeare"
+    path: str | None = None
+    cache_dir: str | None = None  # None: $MOA_TRAIN_CACHE, else ~/.cache/moa_train
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class BudgetConfig:
+    tokens_per_param: float = 20.0
+    count: str = "active"  # which parameter count the budget multiplies
+
+
+@dataclass
+class DistConfig:
+    name: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"
+    project: str = "moa-train"
+    entity: str | None = None
+    # wandb: offline by default so that a run never waits on the network; `online` to sync.
+    mode: str = "offline"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    batch_size: int = 16  # global batch in sequences, summed over processes and accumulation
+    micro_batch_size: int | None = None  # per process; None: the whole per-process share
+    max_steps: int | None = None  # overrides the token budget
+    eval_every: int = 100
+    eval_tokens: int = 32768
+    eval_at_start: bool = True
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
+    compile: bool | None = None  # None: on for CUDA, off on CPU (no gain at small CPU sizes)
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ffn: FFNConfig = field(default_factory=FFNConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dry_run: bool = False
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+register_configs()
+
+
+# ----------------------------------------------------------------------------- value checks
+
+BUDGET_COUNTS = ("total", "active", "non_embedding")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+LOGGERS = ("jsonl", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+DIST_MODES = ("none",)
+MODEL_FAMILIES = ("dense",)
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(key, f"got {value}, must be {bound}.")
+
+
+def _choice(cfg: DictConfig, key: str, accepted: tuple[str, ...] | list[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in accepted:
+        raise ConfigError(key, f"unknown value '{value}'.", ", ".join(accepted))
+
+
+def _fraction(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(key, f"got {value}, must lie in [0, 1].")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every value before compute starts; raise ConfigError naming the key."""
+    from .data import DATA_SOURCES
+    from .ffn import FFN_REGISTRY
+    from .schedule import DECAY_SHAPES, SCHEDULES
+
+    # Resolving first turns a broken interpolation into a clean error naming the key.
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as exc:  # omegaconf raises several unrelated types here
+        raise ConfigError(getattr(exc, "full_key", "?"), f"cannot be resolved ({exc}).") from None
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(key, "has no value.", "set it on the command line, e.g. " + f"{key}=...")
+
+    _choice(cfg, "model.family", MODEL_FAMILIES)
+    for key in ("model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size",
+                "model.ffn_hidden", "model.ffn_multiple_of", "model.rope_theta", "model.norm_eps",
+                "model.init_std"):
+        _positive(cfg, key)
+    m = cfg.model
+    if m.dim % m.n_heads:
+        raise ConfigError("model.n_heads", f"{m.n_heads} does not divide model.dim={m.dim}.")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.dim", f"head dimension {m.dim // m.n_heads} must be even for RoPE.")
+    n_kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % n_kv:
+        raise ConfigError("model.n_kv_heads", f"{n_kv} does not divide model.n_heads={m.n_heads}.")
+
+    _choice(cfg, "ffn.name", sorted(FFN_REGISTRY))
+
+    _choice(cfg, "optim.name", ("adamw",))
+    _positive(cfg, "optim.lr")
+    _positive(cfg, "optim.weight_decay", allow_zero=True)
+    _positive(cfg, "optim.eps")
+    _positive(cfg, "optim.grad_clip", allow_zero=True)
+    for key in ("optim.beta1", "optim.beta2"):
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(key, f"got {value}, must lie in [0, 1).")
+
+    _choice(cfg, "schedule.name", sorted(SCHEDULES))
+    _choice(cfg, "schedule.decay_shape", DECAY_SHAPES)
+    _positive(cfg, "schedule.warmup_steps", allow_zero=True)
+    for key in ("schedule.warmup_frac", "schedule.min_lr_ratio", "schedule.decay_frac"):
+        _fraction(cfg, key)
+
+    _choice(cfg, "data.name", sorted(DATA_SOURCES))
+    _positive(cfg, "data.tokenizer.vocab_size")
+    if cfg.data.tokenizer.vocab_size and cfg.data.tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError("data.tokenizer.vocab_size",
+                          f"{cfg.data.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}; "
+                          "token ids would fall outside the embedding.")
+    DATA_SOURCES[cfg.data.name].check(cfg.data)
+
+    _positive(cfg, "budget.tokens_per_param")
+    _choice(cfg, "budget.count", BUDGET_COUNTS)
+    _choice(cfg, "dist.name", DIST_MODES)
+    _choice(cfg, "logger.name", LOGGERS)
+    _choice(cfg, "logger.mode", WANDB_MODES)
+
+    for key in ("train.seq_len", "train.batch_size", "train.micro_batch_size", "train.max_steps",
+                "train.eval_every", "train.eval_tokens", "train.log_every"):
+        _positive(cfg, key)
+    device = cfg.train.device
+    if device.split(":")[0] not in DEVICES:
+        raise ConfigError("train.device", f"unknown value '{device}'.", "auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", f"'{device}' requested but no CUDA device is available.",
+                              "auto, cpu")
+    _choice(cfg, "train.dtype", DTYPES)
+    if cfg.train.eval_tokens < cfg.train.seq_len:
+        raise ConfigError("train.eval_tokens",
+                          f"{cfg.train.eval_tokens} is shorter than one sequence (train.seq_len="
+                          f"{cfg.train.seq_len}).")
+
+
+def expand_path(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,111 @@
+"""Llama-style decoder: pre-RMSNorm, RoPE, causal SDPA attention, no biases.
+
+The model stays thin: the FFN of each block comes from `build_ffn`, and parallelisation,
+compilation and mixed precision are applied elsewhere (parallel.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from .ffn import FFN, build_ffn, ffn_hidden_dim
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + D/2]) of x: (B, H, T, D) by position-dependent angles."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FFN):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, n_heads, n_kv_heads)
+        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, model_cfg: DictConfig, ffn_cfg: DictConfig):
+        super().__init__()
+        self.cfg = model_cfg
+        dim = model_cfg.dim
+        hidden = ffn_hidden_dim(dim, ffn_cfg.name, model_cfg.ffn_hidden, model_cfg.ffn_multiple_of)
+        n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
+        self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, dim)
+        self.layers = nn.ModuleList(
+            Block(dim, model_cfg.n_heads, n_kv_heads, model_cfg.norm_eps, build_ffn(ffn_cfg, dim, hidden))
+            for _ in range(model_cfg.n_layers)
+        )
+        self.norm = nn.RMSNorm(dim, eps=model_cfg.norm_eps)
+        self.output = nn.Linear(dim, model_cfg.vocab_size, bias=False)
+        if model_cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        # Projections that write into the residual stream are scaled down with depth (GPT-2).
+        output_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            for name, linear in block.attn.named_children():
+                nn.init.normal_(linear.weight, std=output_std if name == "wo" else std)
+            block.ffn.reset_parameters(std, output_std)
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or the mean cross-entropy when targets are given."""
+        cos, sin = rope_tables(tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta,
+                               tokens.device)
+        h = self.tok_embeddings(tokens)
+        for block in self.layers:
+            h = block(h, cos, sin)
+        logits = self.output(self.norm(h))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import moa_train.config  # noqa: F401  (registers the schemas)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_data_cache(tmp_path_factory):
+    """One data cache for the whole session, so the shakespeare tokenizer is trained once."""
+    cache = tmp_path_factory.mktemp("moa_cache")
+    old = os.environ.get("MOA_TRAIN_CACHE")
+    os.environ["MOA_TRAIN_CACHE"] = str(cache)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    yield cache
+    if old is None:
+        os.environ.pop("MOA_TRAIN_CACHE", None)
+    else:
+        os.environ["MOA_TRAIN_CACHE"] = old
+
+
+def compose_config(*overrides: str):
+    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moa_train", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

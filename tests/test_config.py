@@ -1,0 +1,145 @@
+"""Config composition and the bad-input contract: clear errors naming the key, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import compose_config, group_options, run_cli
+from moa_train.config import validate_config
+from moa_train.errors import ConfigError, UserError
+
+GROUPS = ("model", "ffn", "optim", "schedule", "data", "budget", "dist", "logger")
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ has no YAML options"
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_validates(group, tmp_path):
+    (tmp_path / "a.txt").write_text("some text\n")
+    for option in group_options(group):
+        extra = [f"data.path={tmp_path}"] if (group, option) == ("data", "local") else []
+        cfg = compose_config(f"{group}={option}", *extra)
+        validate_config(cfg)
+        if "name" in cfg[group]:
+            assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+@pytest.mark.parametrize("ffn", group_options("ffn"))
+def test_every_model_with_every_ffn_composes(model, ffn):
+    cfg = compose_config(f"model={model}", f"ffn={ffn}")
+    validate_config(cfg)
+    assert cfg.model.name == model and cfg.ffn.name == ffn
+    assert isinstance(cfg.model.dim, int) and cfg.model.dim > 0
+
+
+def test_model_preset_sets_training_shape_but_command_line_wins():
+    cfg = compose_config("model=dense_0.12b")
+    assert (cfg.train.seq_len, cfg.train.batch_size) == (2048, 256)
+    cfg = compose_config("model=dense_0.12b", "train.batch_size=32")
+    assert cfg.train.batch_size == 32
+    assert compose_config("model=tiny").train.seq_len == 256
+
+
+def test_budget_presets():
+    assert compose_config("budget=tpp20").budget.tokens_per_param == 20
+    assert compose_config("budget=tpp100").budget.tokens_per_param == 100
+
+
+@pytest.mark.parametrize("override", ["train.no_such_key=1", "optim.lr=abc", "model.dim=1.5",
+                                      "model=no_such_model"])
+def test_composition_rejects_unknown_keys_types_and_options(override):
+    with pytest.raises(ConfigCompositionException):
+        compose_config(override)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["optim.lr=-0.001"], "optim.lr"),
+        (["optim.lr=0"], "optim.lr"),
+        (["optim.weight_decay=-1"], "optim.weight_decay"),
+        (["optim.beta2=1.0"], "optim.beta2"),
+        (["budget.tokens_per_param=0"], "budget.tokens_per_param"),
+        (["budget.tokens_per_param=-20"], "budget.tokens_per_param"),
+        (["budget.count=everything"], "budget.count"),
+        (["schedule.name=linear"], "schedule.name"),
+        (["schedule=wsd", "schedule.decay_shape=cubic"], "schedule.decay_shape"),
+        (["schedule.warmup_frac=1.5"], "schedule.warmup_frac"),
+        (["model.n_heads=3"], "model.n_heads"),
+        (["train.batch_size=0"], "train.batch_size"),
+        (["train.seq_len=-5"], "train.seq_len"),
+        (["train.device=tpu"], "train.device"),
+        (["train.dtype=float16"], "train.dtype"),
+        (["train.eval_tokens=10"], "train.eval_tokens"),
+        (["ffn.name=nope"], "ffn.name"),
+        (["data.tokenizer.vocab_size=100000"], "data.tokenizer.vocab_size"),
+        (["data=local", "data.path=/no/such/dir"], "data.path"),
+        (["data=local"], "data.path"),
+        (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
+    ],
+)
+def test_validation_names_the_key(overrides, key):
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    assert info.value.key == key
+    assert key in str(info.value)
+
+
+def test_choice_errors_list_accepted_values():
+    cfg = compose_config("schedule.name=linear")
+    with pytest.raises(ConfigError, match="Accepted: cosine, wsd"):
+        validate_config(cfg)
+
+
+def test_resolved_config_is_plain_and_complete():
+    cfg = compose_config()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert set(container) >= set(GROUPS) | {"train", "dry_run"}
+
+
+# --- the same contract through the real command line
+
+
+def _assert_clean_failure(result, *needles):
+    assert result.returncode != 0, result.stdout
+    message = result.stderr + result.stdout
+    assert "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_cli_unknown_model_lists_available_models():
+    result = run_cli("model=no_such_model")
+    _assert_clean_failure(result, "no_such_model", "dense_0.12b", "dense_0.5b", "tiny")
+
+
+def test_cli_negative_lr():
+    result = run_cli("optim.lr=-1e-3", "dry_run=true")
+    _assert_clean_failure(result, "optim.lr", "> 0")
+    assert result.returncode == 2
+
+
+def test_cli_wrong_type_and_unknown_key():
+    _assert_clean_failure(run_cli("optim.lr=fast"), "optim.lr")
+    _assert_clean_failure(run_cli("train.no_such_key=1"), "no_such_key")
+
+
+def test_cli_missing_data_path(tmp_path):
+    missing = tmp_path / "nothing_here"
+    result = run_cli("data=local", f"data.path={missing}", f"hydra.run.dir={tmp_path / 'run'}")
+    _assert_clean_failure(result, "data.path", str(missing))
+
+
+def test_cli_zero_budget():
+    _assert_clean_failure(run_cli("budget.tokens_per_param=0", "dry_run=true"), "budget.tokens_per_param")
+
+
+def test_user_errors_are_one_class():
+    assert issubclass(ConfigError, UserError)

@@ -1,0 +1,114 @@
+"""The decoder: causality, RoPE, initialisation, FFN registry and optimizer parameter roles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import compose_config
+from moa_train.activations import ABBREVIATIONS, ACTIVATIONS, canonical_name, get_activation
+from moa_train.ffn import FFN_REGISTRY
+from moa_train.model import Transformer, apply_rope, rope_tables
+from moa_train.optim import build_optimizer, mark_no_weight_decay, parameter_roles
+
+
+def tiny_model(*overrides, seed=0) -> Transformer:
+    cfg = compose_config("model=tiny", *overrides)
+    torch.manual_seed(seed)
+    model = Transformer(cfg.model, cfg.ffn)
+    model.init_weights()
+    return model
+
+
+@pytest.mark.parametrize("ffn", sorted(FFN_REGISTRY))
+def test_attention_is_causal(ffn):
+    model = tiny_model(f"ffn={ffn}")
+    tokens = torch.randint(0, 4096, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = torch.randint(0, 4096, (2, 6))
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    cos, sin = rope_tables(32, 16, 10000.0)
+
+    def score(i, j):
+        qi = apply_rope(q, cos[i:i + 1], sin[i:i + 1])
+        kj = apply_rope(k, cos[j:j + 1], sin[j:j + 1])
+        return (qi * kj).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(20, 17), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+    # rotation keeps norms
+    assert apply_rope(q, cos[7:8], sin[7:8]).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_initial_loss_is_near_uniform_and_output_projections_are_depth_scaled():
+    model = tiny_model()
+    tokens = torch.randint(0, 4096, (4, 32))
+    with torch.no_grad():
+        loss = model(tokens[:, :-1], tokens[:, 1:]).item()
+    assert abs(loss - math.log(4096)) < 0.1
+    std = model.cfg.init_std
+    wo, w1 = model.layers[0].attn.wo.weight, model.layers[0].ffn.w1.weight
+    assert w1.std().item() == pytest.approx(std, rel=0.05)
+    assert wo.std().item() == pytest.approx(std / math.sqrt(2 * model.cfg.n_layers), rel=0.05)
+    assert model.layers[0].ffn.w3.weight.std().item() == pytest.approx(wo.std().item(), rel=0.05)
+
+
+def test_same_seed_same_weights():
+    a, b, c = tiny_model(seed=1), tiny_model(seed=1), tiny_model(seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.tok_embeddings.weight, c.tok_embeddings.weight)
+
+
+def test_fixed_ffns_apply_their_activation():
+    x = torch.randn(3, 128)
+    for name in ("relu2", "gelu", "silu", "relu"):
+        ffn = tiny_model(f"ffn={name}").layers[0].ffn
+        expected = ffn.w2(get_activation(name)(ffn.w1(x)))
+        assert torch.allclose(ffn(x), expected)
+    swiglu = tiny_model("ffn=swiglu").layers[0].ffn
+    assert torch.allclose(swiglu(x), swiglu.w3(torch.nn.functional.silu(swiglu.w1(x)) * swiglu.w2(x)))
+
+
+def test_activation_dictionary_names_and_abbreviations():
+    x = torch.linspace(-3, 3, 13)
+    assert set(ABBREVIATIONS.values()) == set(ACTIVATIONS)
+    for abbr, name in ABBREVIATIONS.items():
+        assert canonical_name(abbr) == name
+        assert torch.equal(get_activation(abbr)(x), get_activation(name)(x))
+    assert torch.allclose(get_activation("r2")(x), torch.relu(x) ** 2)
+    assert torch.allclose(get_activation("l")(x), torch.where(x > 0, x, 0.01 * x))
+    assert torch.equal(get_activation("id")(x), x)
+    with pytest.raises(KeyError):
+        canonical_name("nope")
+
+
+def test_parameter_roles_and_adamw_decay_groups():
+    model = tiny_model()
+    extra = mark_no_weight_decay(nn.Parameter(torch.zeros(3)))
+    model.layers[0].ffn.gate = extra
+    roles = parameter_roles(model)
+    assert roles["embedding"] == [model.tok_embeddings.weight]
+    assert roles["head"] == [model.output.weight]
+    assert any(p is extra for p in roles["no_decay"])
+    assert all(p.ndim == 1 for p in roles["vector"])
+    assert len(roles["matrix"]) == model.cfg.n_layers * (4 + 3)
+    cfg = compose_config("model=tiny", "optim.weight_decay=0.05")
+    optimizer = build_optimizer(model, cfg.optim)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert by_name["decay"]["weight_decay"] == 0.05 and by_name["no_decay"]["weight_decay"] == 0.0
+    decayed = {id(p) for p in by_name["decay"]["params"]}
+    assert id(extra) not in decayed and id(model.layers[0].attn_norm.weight) not in decayed
+    assert id(model.layers[0].attn.wq.weight) in decayed
+    n_params = len({id(p) for p in model.parameters()})
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == n_params

@@ -1,0 +1,73 @@
+"""End-to-end training through the command line, and the run contract (metrics.jsonl, summary.json)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import read_jsonl, run_cli
+
+ROW_KEYS = {"step", "tokens", "lr", "train_loss", "tokens_per_s", "elapsed_s"}
+
+
+@pytest.mark.slow
+def test_tiny_swiglu_60_steps_val_loss_falls(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("model=tiny", "ffn=swiglu", "train.max_steps=60", "train.eval_every=20",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if r["step"] > 0]
+    assert [r["step"] for r in train_rows] == list(range(1, 61))
+    for row in train_rows:
+        assert ROW_KEYS <= row.keys()
+        assert row["tokens"] == row["step"] * 16 * 256
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_loss"] == evals[-1]["val_loss"]
+    assert summary["status"] == "completed" and summary["steps"] == 60
+    assert summary["val_loss"] < 0.9 * summary["initial_val_loss"]
+    assert summary["params"]["total"] == 1_901_696
+    assert summary["config"]["ffn"]["name"] == "swiglu" and summary["wall_s"] > 0
+    # the schedule was followed: warmup peak, cosine down to min_lr_ratio * lr on the last step
+    assert max(r["lr"] for r in train_rows) == pytest.approx(1e-3)
+    assert train_rows[-1]["lr"] == pytest.approx(1e-4)
+    assert (run_dir / "train.log").exists()
+
+
+def test_wandb_logger_runs_offline_and_metrics_still_written(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("model=tiny", "logger=wandb", "train.max_steps=2", "train.eval_tokens=2048",
+                     "train.eval_at_start=false", "train.batch_size=4", f"hydra.run.dir={run_dir}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 2
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """Same global batch, split into micro-batches or not: same losses (float32, tolerance 1e-4)."""
+    losses = {}
+    for micro in (8, 2):
+        run_dir = tmp_path / f"micro{micro}"
+        result = run_cli("model=tiny", "train.max_steps=3", "train.batch_size=8",
+                         f"train.micro_batch_size={micro}", "train.eval_tokens=1024", "train.eval_every=3",
+                         "train.eval_at_start=false", f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[micro] = [r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert losses[8] == pytest.approx(losses[2], rel=1e-4)
+
+
+def test_console_script_dry_run_prints_only_json():
+    script = Path(sys.executable).parent / "moa-train"
+    if not script.exists():
+        pytest.skip("console script not installed next to this interpreter")
+    result = subprocess.run([str(script), "model=tiny", "dry_run=true"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # the whole of stdout is one JSON object
+    assert report["total"] == 1_901_696 and report["model"] == "tiny"
