@@ -39,6 +39,14 @@ class ModelConfig:
 @dataclass
 class FFNConfig:
     name: str = MISSING
+    # LA / MoA only (DESIGN.md section 1); names or abbreviations: g s r r2 l t id.
+    dict: list[str] | None = None  # Type-I dictionary, or Type-II gate branch; None: the default
+    up_dict: list[str] | None = None  # Type-II up branch (bi, qd); None: [id, t, s]
+    gate: str = "sigmoid"  # MoA gate function phi: sigmoid | tanh | softmax | linear
+    gate_bias: bool = False
+    gate_groups: int = 1  # gates per token per entry: one per group of hidden units
+    init: str = "uniform"  # uniform | baseline (start exactly as relu2 / swiglu)
+    kernel: str = "auto"  # auto | compiled | eager: how the mixing is run (see ffn/mixing.py)
 
 
 @dataclass
@@ -170,7 +178,8 @@ def _fraction(cfg: DictConfig, key: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check every value before compute starts; raise ConfigError naming the key."""
     from .data import DATA_SOURCES
-    from .ffn import FFN_REGISTRY
+    from .ffn import FFN_REGISTRY, ffn_hidden_dim
+    from .ffn.mixtures import validate_ffn_config
     from .schedule import DECAY_SHAPES, SCHEDULES
 
     # Resolving first turns a broken interpolation into a clean error naming the key.
@@ -198,6 +207,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("model.n_kv_heads", f"{n_kv} does not divide model.n_heads={m.n_heads}.")
 
     _choice(cfg, "ffn.name", sorted(FFN_REGISTRY))
+    validate_ffn_config(cfg.ffn, ffn_hidden_dim(m.dim, cfg.ffn.name, m.ffn_hidden, m.ffn_multiple_of))
 
     _choice(cfg, "optim.name", ("adamw",))
     _positive(cfg, "optim.lr")

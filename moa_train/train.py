@@ -16,6 +16,7 @@ from .budget import RunPlan, count_parameters, plan_run
 from .config import to_container, validate_config
 from .data import PackedBatches, prepare_data, validation_batches
 from .errors import DataError
+from .ffn.mixtures import mixture_statistics, recording_mixture_statistics
 from .metrics import MetricLoggers
 from .model import Transformer
 from .optim import build_optimizer, set_lr
@@ -34,16 +35,18 @@ def describe(cfg: DictConfig) -> tuple[dict[str, int], RunPlan]:
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast) -> float:
+def evaluate(model, batches, device, autocast) -> tuple[float, dict]:
+    """Mean validation loss, and the mean LA / MoA coefficient per dictionary entry per layer."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
-        with autocast:
-            loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        count += y.numel()
+    with recording_mixture_statistics(model):
+        for x, y in batches:
+            with autocast:
+                loss = model(x.to(device), y.to(device))
+            total += loss.item() * y.numel()
+            count += y.numel()
     model.train()
-    return total / count
+    return total / count, mixture_statistics(model)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -86,8 +89,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     initial_val_loss = val_loss = None
     if cfg.train.eval_at_start:
-        initial_val_loss = val_loss = evaluate(model, val_batches, device, autocast)
-        loggers.log({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed_s": time.perf_counter() - start})
+        initial_val_loss, mix = evaluate(model, val_batches, device, autocast)
+        val_loss = initial_val_loss
+        loggers.log({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed_s": time.perf_counter() - start,
+                     **({"mix": mix} if mix else {})})
     status, train_loss = "completed", None
     progress = tqdm(range(plan.steps), disable=not cfg.train.progress, desc="train", dynamic_ncols=True)
     for step in progress:
@@ -120,7 +125,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             log.error("training diverged at step %d (train loss %s); try a lower optim.lr", done, train_loss)
             break
         if done % cfg.train.eval_every == 0 or done == plan.steps:
-            val_loss = row["val_loss"] = evaluate(model, val_batches, device, autocast)
+            val_loss, mix = evaluate(model, val_batches, device, autocast)
+            row["val_loss"] = val_loss
+            if mix:
+                row["mix"] = mix
         if "val_loss" in row or done % cfg.train.log_every == 0:
             loggers.log({**row, "elapsed_s": time.perf_counter() - start})
         progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-")

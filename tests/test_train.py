@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_cli
+from conftest import compose_config, read_jsonl, run_cli
+from moa_train.ffn import FFN_REGISTRY
+from moa_train.train import run
 
 ROW_KEYS = {"step", "tokens", "lr", "train_loss", "tokens_per_s", "elapsed_s"}
 
@@ -71,3 +73,30 @@ def test_console_script_dry_run_prints_only_json():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)  # the whole of stdout is one JSON object
     assert report["total"] == 1_901_696 and report["model"] == "tiny"
+
+
+@pytest.mark.parametrize("ffn", sorted(FFN_REGISTRY))
+def test_every_ffn_variant_learns_on_tiny(ffn, tmp_path):
+    kernel = ["ffn.kernel=eager"] if FFN_REGISTRY[ffn].mixture else []  # compiled path: test_mixtures
+    cfg = compose_config("model=tiny", f"ffn={ffn}", *kernel, "train.max_steps=12", "train.batch_size=8",
+                         "train.eval_every=12", "train.eval_tokens=2048", "train.progress=false",
+                         "optim.lr=3e-3")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    assert summary["val_loss"] < summary["initial_val_loss"] - 0.5, summary
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    if FFN_REGISTRY[ffn].mixture:
+        # the mean coefficient per dictionary entry per layer is logged at every evaluation
+        for row in (r for r in rows if "val_loss" in r):
+            mix = row["mix"]
+            assert sorted(mix) == [f"layers.{i}" for i in range(cfg.model.n_layers)]
+            n_entries = len(_mixture_entry_names(cfg))
+            assert all(len(entries) == n_entries for entries in mix.values())
+    else:
+        assert all("mix" not in r for r in rows)
+
+
+def _mixture_entry_names(cfg):
+    from moa_train.ffn import build_ffn
+
+    return build_ffn(cfg.ffn, cfg.model.dim, 384).entry_names()
