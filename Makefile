@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 # Quick, small, offline by default; override e.g. `make demo DEMO_STEPS=600`.
 DEMO_STEPS ?= 300
-DEMO_FFN ?= swiglu
+DEMO_FFN ?= qd_moa
 
 .PHONY: install demo test test-fast lint clean
 

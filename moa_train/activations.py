@@ -40,8 +40,10 @@ def _gelu_vd(x):
     return x * cdf, cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
+# SiLU and tanh are written over the same exp(-x), so that a fused kernel evaluating both (the
+# default dictionaries hold both) computes one exponential instead of an exp and a tanh.
 def _silu_vd(x):
-    s = torch.sigmoid(x)
+    s = 1.0 / (1.0 + torch.exp(-x))
     return x * s, s * (1.0 + x * (1.0 - s))
 
 
@@ -60,7 +62,8 @@ def _leaky_relu_vd(x):
 
 
 def _tanh_vd(x):
-    t = torch.tanh(x)
+    e = torch.exp(-x)
+    t = 2.0 / (1.0 + e * e) - 1.0  # = tanh(x); finite at both infinities
     return t, 1.0 - t * t
 
 
@@ -72,6 +75,13 @@ def _identity_vd(x):
 VALUE_AND_DERIVATIVE: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
     "gelu": _gelu_vd, "silu": _silu_vd, "relu": _relu_vd, "relu2": _relu2_vd,
     "leaky_relu": _leaky_relu_vd, "tanh": _tanh_vd, "identity": _identity_vd,
+}
+
+# Values as the fused mixing kernels compute them: SiLU and tanh over the shared exp(-x).
+MIXING_VALUE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    **ACTIVATIONS,
+    "silu": lambda x: x / (1.0 + torch.exp(-x)),
+    "tanh": lambda x: 2.0 / (1.0 + torch.exp(-x) ** 2) - 1.0,
 }
 
 ABBREVIATIONS = {"g": "gelu", "s": "silu", "r": "relu", "r2": "relu2", "l": "leaky_relu", "t": "tanh",

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from ..activations import ACTIVATIONS, VALUE_AND_DERIVATIVE
+from ..activations import ACTIVATIONS, MIXING_VALUE, VALUE_AND_DERIVATIVE
 
 log = logging.getLogger(__name__)
 KERNELS = ("auto", "compiled", "eager")
@@ -34,10 +34,10 @@ def _up(x):
     return None if x is None else x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _mixture(x, c, names: Names):
+def _mixture(x, c, names: Names, table=MIXING_VALUE):
     out = None
     for k, name in enumerate(names):
-        term = c[..., k:k + 1] * ACTIVATIONS[name](x)
+        term = c[..., k:k + 1] * table[name](x)
         out = term if out is None else out + term
     return out
 
@@ -92,11 +92,11 @@ def _pair_forward(a, b, C, names_a: Names, names_b: Names):
     dtype = a.dtype
     a, b, C = _up(a), _up(b), _up(C)
     k2 = len(names_b)
-    t_values = [ACTIVATIONS[name](b) for name in names_b]
+    t_values = [MIXING_VALUE[name](b) for name in names_b]
     out = None
     for k, name in enumerate(names_a):
         row = _mixture_from_values(C[..., k * k2:(k + 1) * k2], t_values)
-        term = ACTIVATIONS[name](a) * row
+        term = MIXING_VALUE[name](a) * row
         out = term if out is None else out + term
     return out.to(dtype)
 
@@ -213,10 +213,10 @@ def pair_mix(a, b, C, names_a: Names, names_b: Names, kernel: str = "auto"):
 
 
 def product_mix_reference(a, c, names_a, b=None, e=None, names_b=None):
-    """The plain formula under ordinary autograd: what the fused path must equal."""
-    out = _mixture(a, c, tuple(names_a))
+    """The plain formula with torch's own activations under ordinary autograd: what the fused path must equal."""
+    out = _mixture(a, c, tuple(names_a), ACTIVATIONS)
     if b is not None:
-        out = out * (b if e is None else _mixture(b, e, tuple(names_b)))
+        out = out * (b if e is None else _mixture(b, e, tuple(names_b), ACTIVATIONS))
     return out
 
 

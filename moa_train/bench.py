@@ -1,0 +1,194 @@
+"""`moa-bench`: time per training step and peak memory of FFN variants against their baselines.
+
+    moa-bench --variants moa1,qd_moa model=tiny model.dim=384 model.n_layers=2 model.n_heads=6
+
+Positional arguments are Hydra overrides of the training config (model size, batch, ffn keys).
+Each variant runs in its own process so that memory figures and compile caches do not mix; rounds
+alternate variants and baselines, and the best median per variant is kept. A full step is forward,
+backward and AdamW on random tokens. Memory: on CUDA the allocator's peak during the timed steps.
+On CPU a separate worker runs with glibc's mmap threshold pinned at 64 KiB, so that every tensor
+is mapped on allocation and unmapped on free and the resident set follows live memory; its peak is
+parameters and optimizer state plus the growth of the resident set during two steps after warm-up
+(the high-water mark is reset then, so compilation does not count). Both report the bytes autograd
+saves for backward (exact, from saved-tensor hooks, each storage once).
+Type-I variants are compared with relu2, Type-II with swiglu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset VmHWM, the peak resident set size, to the current RSS
+
+
+def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False) -> dict:
+    """Run in a worker process: build the model of `overrides`, time `steps` full training steps."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    import moa_train.config  # noqa: F401
+    from moa_train.budget import count_parameters, plan_run
+    from moa_train.config import validate_config
+    from moa_train.model import Transformer
+    from moa_train.optim import build_optimizer
+    from moa_train.parallel import autocast_context, parallelize, resolve_device
+
+    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    validate_config(cfg)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    with device:
+        model = Transformer(cfg.model, cfg.ffn)
+    model.init_weights()
+    counts = count_parameters(model)
+    model = parallelize(model, device, cfg.train.compile)
+    optimizer = build_optimizer(model, cfg.optim)
+    autocast = autocast_context(device, cfg.train.dtype)
+    plan = plan_run(cfg.train, cfg.budget, counts)
+    tokens = torch.randint(0, cfg.model.vocab_size, (plan.micro_batch_size, cfg.train.seq_len + 1), device=device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with autocast:
+            loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    saved: dict[int, int] = {}  # by storage: a tensor saved by several ops counts once
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    for _ in range(warmup):
+        step()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast:
+            model(x, y).backward()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
+        rss_before = _status_mb("VmRSS")
+    times = []
+    for _ in range(2 if memory else steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result = {
+        "ffn": cfg.ffn.name, "step_s": statistics.median(times), "saved_mb": sum(saved.values()) / 2**20,
+        "tokens_per_s": plan.micro_batch_size * cfg.train.seq_len / statistics.median(times),
+        "params": counts["total"], "ffn_extra": counts["ffn_extra"],
+    }
+    if device.type == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        state = [t for p in model.parameters() for t in [p, *optimizer.state.get(p, {}).values()]
+                 if isinstance(t, torch.Tensor)]
+        static_mb = sum(t.numel() * t.element_size() for t in state) / 2**20
+        result["peak_mb"] = static_mb + _status_mb("VmHWM") - rss_before
+    return result
+
+
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _worker(overrides: list[str], steps: int, warmup: int, memory: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "moa_train.bench", "--worker", "--steps", str(steps), "--warmup", str(warmup),
+           *(["--memory"] if memory else []), *overrides]
+    env = {**os.environ, **(MEMORY_ENV if memory else {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"moa-bench: worker failed for {overrides}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or
+            platform.machine(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    from moa_train.ffn import FFN_REGISTRY
+
+    parser = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="moa1,qd_moa", help="comma-separated ffn names")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best median is kept")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny model.dim=384")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.overrides, args.steps, args.warmup, args.memory)))
+        return
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in FFN_REGISTRY]
+    if unknown:
+        raise SystemExit(f"moa-bench: unknown ffn variant(s) {unknown}; accepted: {', '.join(sorted(FFN_REGISTRY))}")
+    baselines = {v: FFN_REGISTRY[v].baseline for v in variants}
+    order = list(dict.fromkeys([b for v in variants for b in (baselines[v], v)]))
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for name in order:
+            result = _worker([f"ffn={name}", *args.overrides], args.steps, args.warmup)
+            if name not in best or result["step_s"] < best[name]["step_s"]:
+                best[name] = result
+    for name in order:
+        if "gpu" not in machine():  # CPU: memory from its own worker (see the module docstring)
+            best[name]["peak_mb"] = _worker([f"ffn={name}", *args.overrides], 2, args.warmup, memory=True)["peak_mb"]
+    rows = []
+    for name in order:
+        r = best[name]
+        base = best[FFN_REGISTRY[name].baseline]
+        rows.append({**r, "baseline": base["ffn"], "time_ratio": r["step_s"] / base["step_s"],
+                     "saved_ratio": r["saved_mb"] / base["saved_mb"], "peak_ratio": r["peak_mb"] / base["peak_mb"]})
+    print(f"{'ffn':<10} {'step ms':>9} {'tok/s':>9} {'x base':>7} {'saved MB':>9} {'x base':>7} "
+          f"{'peak MB':>9} {'x base':>7}  baseline")
+    for r in rows:
+        print(f"{r['ffn']:<10} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>9.0f} {r['time_ratio']:>7.3f} "
+              f"{r['saved_mb']:>9.1f} {r['saved_ratio']:>7.3f} {r['peak_mb']:>9.1f} {r['peak_ratio']:>7.3f}  "
+              f"{r['baseline']}")
+    report = {"machine": machine(), "overrides": args.overrides, "steps": args.steps, "rounds": args.rounds,
+              "results": rows}
+    print(json.dumps(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""moa-bench runs its workers and reports every variant against its baseline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moa_train.bench import main
+
+
+def test_bench_reports_variants_against_baselines(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--variants", "la1,one_moa", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json", str(out),
+          "model=tiny", "train.batch_size=2", "train.seq_len=32", "ffn.kernel=eager"])
+    report = json.loads(out.read_text())
+    rows = {r["ffn"]: r for r in report["results"]}
+    assert list(rows) == ["relu2", "la1", "swiglu", "one_moa"]
+    assert rows["la1"]["baseline"] == "relu2" and rows["one_moa"]["baseline"] == "swiglu"
+    assert rows["relu2"]["time_ratio"] == 1.0 and rows["swiglu"]["peak_ratio"] == 1.0
+    assert rows["la1"]["ffn_extra"] == 4 * 4  # K coefficients per layer, 4 layers
+    assert rows["one_moa"]["ffn_extra"] == 4 * 128 * 4  # K x d gate weights per layer
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["saved_mb"] > 0 and r["peak_mb"] > 0
+        assert r["time_ratio"] == pytest.approx(r["step_s"] / rows[r["baseline"]]["step_s"])
+    assert "x base" in capsys.readouterr().out
+    assert report["machine"]["threads"] >= 1
+
+
+def test_bench_refuses_unknown_variants():
+    with pytest.raises(SystemExit, match="nope"):
+        main(["--variants", "moa1,nope"])
