@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/moa-train model=tiny ffn=$(DEMO_FFN) train.max_steps=$(DEMO_STEPS) train.eval_every=50 \
+	$(VENV)/bin/moa-train model=tiny ffn=$(DEMO_FFN) train.max_steps=$(DEMO_STEPS) train.eval_every=50 train.resume=never \
 		hydra.run.dir=outputs/demo
 
 test: install

@@ -47,20 +47,22 @@ def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False)
     import moa_train.config  # noqa: F401
     from moa_train.budget import count_parameters, plan_run
     from moa_train.config import validate_config
+    from moa_train.distributed import init_distributed
     from moa_train.model import Transformer
     from moa_train.optim import build_optimizer
-    from moa_train.parallel import autocast_context, parallelize, resolve_device
+    from moa_train.parallel import autocast_context, parallelize
 
     with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     validate_config(cfg)
-    device = resolve_device(cfg.train.device)
+    env = init_distributed("none", cfg.train.device)
+    device = env.device
     torch.manual_seed(cfg.train.seed)
     with device:
         model = Transformer(cfg.model, cfg.ffn)
     model.init_weights()
     counts = count_parameters(model)
-    model = parallelize(model, device, cfg.train.compile)
+    model = parallelize(model, env, cfg.train.compile, cfg.train.dtype)
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_context(device, cfg.train.dtype)
     plan = plan_run(cfg.train, cfg.budget, counts)

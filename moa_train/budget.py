@@ -58,3 +58,34 @@ def plan_run(train_cfg, budget_cfg, counts: dict[str, int], world_size: int = 1)
     budget_tokens = int(budget_cfg.tokens_per_param * counts[budget_cfg.count])
     steps = train_cfg.max_steps or max(1, math.ceil(budget_tokens / tokens_per_step))
     return RunPlan(budget_tokens, tokens_per_step, steps, batch, micro, per_rank // micro, world_size)
+
+
+# ----------------------------------------------------------------------------- model FLOPs utilisation
+
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def flops_per_token(active_params: int, vocab_size: int, dim: int, n_layers: int, seq_len: int,
+                    tied_embeddings: bool = False) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6 per matmul parameter, plus attention 12 * L * d * T.
+
+    The embedding lookup is no matmul, so an untied embedding table is not counted; a tied one is,
+    once, as the head.
+    """
+    matmul_params = active_params - (0 if tied_embeddings else vocab_size * dim)
+    return 6.0 * matmul_params + 12.0 * n_layers * dim * seq_len
+
+
+def peak_flops(device_name: str | None, override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device_name:
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in device_name:
+                return flops
+    return None
+
+
+def mfu(tokens_per_s: float, flops_token: float, peak: float | None, world_size: int = 1) -> float | None:
+    return None if not peak else tokens_per_s * flops_token / (peak * world_size)

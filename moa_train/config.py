@@ -7,6 +7,7 @@ choice checks live in `validate_config`, which runs before any data is read or m
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,14 +51,45 @@ class FFNConfig:
 
 
 @dataclass
+class GroupConfig:
+    lr: float | None = None  # None: optim.lr
+    weight_decay: float | None = None  # None: optim.weight_decay (matrix, embedding, head) or 0 (vector, mixing)
+
+
+@dataclass
+class OptimGroups:
+    """Per-role overrides; the roles are described in moa_train/optim.py."""
+
+    matrix: GroupConfig = field(default_factory=GroupConfig)
+    embedding: GroupConfig = field(default_factory=GroupConfig)
+    head: GroupConfig = field(default_factory=GroupConfig)
+    vector: GroupConfig = field(default_factory=GroupConfig)
+    mixing: GroupConfig = field(default_factory=GroupConfig)
+
+
+@dataclass
+class MuonConfig:
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations
+    # match_adamw: update RMS = update_rms, so optim.lr and weight decay carry over from AdamW
+    # (Moonlight); spectral: Keller Jordan's max(1, rows/cols)^0.5, which wants lr ~ 0.02.
+    update_scale: str = "match_adamw"
+    update_rms: float = 0.2
+    ns_dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.1
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW (with optim=muon: the AdamW groups)
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    groups: OptimGroups = field(default_factory=OptimGroups)
+    muon: MuonConfig = field(default_factory=MuonConfig)
 
 
 @dataclass
@@ -91,7 +123,7 @@ class BudgetConfig:
 
 @dataclass
 class DistConfig:
-    name: str = "none"
+    name: str = "auto"  # auto: none for one process, ddp under torchrun; or none | ddp | fsdp
 
 
 @dataclass
@@ -119,6 +151,11 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool | None = None  # None: on for CUDA, off on CPU (no gain at small CPU sizes)
     progress: bool = True
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs, no MFU on CPU
+    ckpt_every: int | None = 1000  # steps between checkpoints; None: only at the end and on SIGTERM/SIGUSR1
+    ckpt_at_end: bool = True
+    keep_checkpoints: int | None = 3  # newest complete checkpoints kept; None: all
+    resume: str = "auto"  # auto: newest complete checkpoint of the run directory | never | a checkpoint path
 
 
 @dataclass
@@ -135,9 +172,20 @@ class RunConfig:
     dry_run: bool = False
 
 
+def run_name(override_dirname: str) -> str:
+    """A directory name from the command line's overrides (Hydra's override_dirname)."""
+    if not override_dirname:
+        return "default"
+    name = override_dirname.replace(os.sep, "%")  # data.path=/a/b must not nest directories
+    if len(name) > 150:  # file names stop at 255 bytes; keep a readable head and a hash
+        name = name[:130] + "-" + hashlib.sha256(override_dirname.encode()).hexdigest()[:12]
+    return name
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("moa_run_name", run_name, replace=True)
 
 
 register_configs()
@@ -150,7 +198,6 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
-DIST_MODES = ("none",)
 MODEL_FAMILIES = ("dense",)
 
 
@@ -178,6 +225,7 @@ def _fraction(cfg: DictConfig, key: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check every value before compute starts; raise ConfigError naming the key."""
     from .data import DATA_SOURCES
+    from .distributed import DIST_MODES
     from .ffn import FFN_REGISTRY, ffn_hidden_dim
     from .ffn.mixtures import validate_ffn_config
     from .schedule import DECAY_SHAPES, SCHEDULES
@@ -209,12 +257,19 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "ffn.name", sorted(FFN_REGISTRY))
     validate_ffn_config(cfg.ffn, ffn_hidden_dim(m.dim, cfg.ffn.name, m.ffn_hidden, m.ffn_multiple_of))
 
-    _choice(cfg, "optim.name", ("adamw",))
+    _choice(cfg, "optim.name", ("adamw", "muon"))
     _positive(cfg, "optim.lr")
     _positive(cfg, "optim.weight_decay", allow_zero=True)
     _positive(cfg, "optim.eps")
     _positive(cfg, "optim.grad_clip", allow_zero=True)
-    for key in ("optim.beta1", "optim.beta2"):
+    for role in ("matrix", "embedding", "head", "vector", "mixing"):
+        _positive(cfg, f"optim.groups.{role}.lr")
+        _positive(cfg, f"optim.groups.{role}.weight_decay", allow_zero=True)
+    _choice(cfg, "optim.muon.update_scale", ("match_adamw", "spectral"))
+    _choice(cfg, "optim.muon.ns_dtype", ("auto", "float32", "bfloat16"))
+    _positive(cfg, "optim.muon.ns_steps")
+    _positive(cfg, "optim.muon.update_rms")
+    for key in ("optim.beta1", "optim.beta2", "optim.muon.momentum"):
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(key, f"got {value}, must lie in [0, 1).")
@@ -233,6 +288,8 @@ def validate_config(cfg: DictConfig) -> None:
                           "token ids would fall outside the embedding.")
     DATA_SOURCES[cfg.data.name].check(cfg.data)
 
+    _positive(cfg, "train.keep_checkpoints")
+    _positive(cfg, "train.peak_tflops")
     _positive(cfg, "budget.tokens_per_param")
     _choice(cfg, "budget.count", BUDGET_COUNTS)
     _choice(cfg, "dist.name", DIST_MODES)
@@ -240,7 +297,7 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "logger.mode", WANDB_MODES)
 
     for key in ("train.seq_len", "train.batch_size", "train.micro_batch_size", "train.max_steps",
-                "train.eval_every", "train.eval_tokens", "train.log_every"):
+                "train.eval_every", "train.eval_tokens", "train.log_every", "train.ckpt_every"):
         _positive(cfg, key)
     device = cfg.train.device
     if device.split(":")[0] not in DEVICES:

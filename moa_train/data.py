@@ -260,10 +260,20 @@ class PackedBatches:
         return chunk[:, :-1], chunk[:, 1:]
 
 
-def validation_batches(tokens: np.ndarray, seq_len: int, eval_tokens: int, batch_size: int):
-    """The fixed validation set: the first eval_tokens // seq_len windows, in order."""
+def validation_batches(tokens: np.ndarray, seq_len: int, eval_tokens: int, batch_size: int, rank: int = 0,
+                       world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """This rank's share of the fixed validation set, as (inputs, targets, weight) batches.
+
+    The set is the first eval_tokens // seq_len windows. Rank r of W takes a contiguous share of
+    ceil(n / W) windows; a short last share is padded with copies of window 0 of weight 0, so
+    every rank runs the same number of forward passes of the same shapes.
+    """
     n = eval_tokens // seq_len
     chunk = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1]).astype(np.int64))
-    x = chunk[:-1].view(n, seq_len)
-    y = chunk[1:].view(n, seq_len)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+    x, y = chunk[:-1].view(n, seq_len), chunk[1:].view(n, seq_len)
+    share = -(-n // world_size)
+    index = torch.arange(rank * share, (rank + 1) * share)
+    weight = (index < n).float()
+    index = torch.where(index < n, index, 0)
+    x, y = x[index], y[index]
+    return [(x[i:i + batch_size], y[i:i + batch_size], weight[i:i + batch_size]) for i in range(0, share, batch_size)]

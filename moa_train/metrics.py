@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 
 
@@ -13,7 +14,13 @@ def _clean(row: dict) -> dict:
 
 
 class JSONLLogger:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None):
+        """A fresh run starts an empty file; a resumed one keeps the rows up to its checkpoint's step."""
+        kept = []
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a", buffering=1)  # line-buffered: a killed run keeps every row
 
     def log(self, row: dict) -> None:
@@ -24,13 +31,18 @@ class JSONLLogger:
 
 
 class WandbLogger:
-    def __init__(self, logger_cfg, run_dir: Path, config: dict):
+    def __init__(self, logger_cfg, run_dir: Path, config: dict, resume_step: int | None = None):
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
+        # The run id lives in the run directory, so a resumed run continues the same wandb run.
+        id_file = run_dir / "wandb_id.txt"
+        if resume_step is None or not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric
         self.run = wandb.init(
             project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
             dir=str(run_dir), config=config, tags=list(logger_cfg.tags), name=run_dir.name,
+            id=id_file.read_text().strip(), resume="allow",
             settings=wandb.Settings(init_timeout=60, console="off"),
         )
 
@@ -43,12 +55,13 @@ class WandbLogger:
 
 
 class MetricLoggers:
-    def __init__(self, logger_cfg, run_dir: Path, config: dict, enabled: bool = True):
+    def __init__(self, logger_cfg, run_dir: Path, config: dict, enabled: bool = True,
+                 resume_step: int | None = None):
         self.sinks = []
-        if enabled:
-            self.sinks.append(JSONLLogger(run_dir / "metrics.jsonl"))
+        if enabled:  # rank 0 only
+            self.sinks.append(JSONLLogger(run_dir / "metrics.jsonl", resume_step))
             if logger_cfg.name == "wandb":
-                self.sinks.append(WandbLogger(logger_cfg, run_dir, config))
+                self.sinks.append(WandbLogger(logger_cfg, run_dir, config, resume_step))
 
     def log(self, row: dict) -> None:
         for sink in self.sinks:

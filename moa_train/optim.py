@@ -1,9 +1,14 @@
 """Optimizers. Parameters are sorted into roles once; each optimizer decides what a role gets.
 
-Roles: `matrix` (2-D hidden weights), `embedding`, `head`, `vector` (norm gains and other
-1-D tensors) and `no_decay` (parameters an FFN marks with `_no_weight_decay`, such as gates and
-learnable-activation coefficients). Every param group carries `base_lr`; the schedule sets
-`lr = base_lr * multiplier` each step.
+Roles: `matrix` (hidden weights: attention and FFN projections, expert stacks), `embedding`,
+`head`, `vector` (norm gains and other 1-D tensors) and `mixing` (parameters a module marks with
+`mark_no_weight_decay`: MoA gates and LA coefficients). Each role is one parameter group with its own
+learning rate and weight decay (`optim.groups.<role>.lr` / `.weight_decay`, null: `optim.lr`, and
+`optim.weight_decay` for matrix, embedding and head but 0 for vector and mixing). Every group
+carries `base_lr`; the schedule sets `lr = base_lr * multiplier` each step.
+
+`optim=adamw` gives every role to AdamW. `optim=muon` gives `matrix` to Muon and the rest to
+AdamW, as two torch optimizers held by one `Optimizers`.
 """
 
 from __future__ import annotations
@@ -14,26 +19,34 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-ROLES = ("matrix", "embedding", "head", "vector", "no_decay")
+ROLES = ("matrix", "embedding", "head", "vector", "mixing")
+DECAYED_ROLES = ("matrix", "embedding", "head")
 
 
-def mark_no_weight_decay(param: nn.Parameter) -> nn.Parameter:
-    param._no_weight_decay = True  # read by parameter_roles
-    return param
+def mark_no_weight_decay(module: nn.Module, *names: str) -> None:
+    """Put the module's own parameters `names` in the `mixing` role (no weight decay, AdamW).
+
+    The mark lives on the module, not on the Parameter: FSDP2's fully_shard replaces every
+    Parameter by a sharded one, and attributes set on the old object would be lost with it.
+    """
+    module._no_weight_decay = frozenset(getattr(module, "_no_weight_decay", frozenset()) | set(names))
 
 
 def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    model = getattr(model, "module", model)  # DDP wraps the Transformer; its head is model.module.output
     embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     head_module = getattr(model, "output", None)
     head = {id(p) for p in head_module.parameters()} if head_module is not None else set()
+    mixing = {id(p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
+              if name in getattr(m, "_no_weight_decay", ())}
     roles: dict[str, list[nn.Parameter]] = defaultdict(list)
     seen: set[int] = set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        if getattr(p, "_no_weight_decay", False):
-            roles["no_decay"].append(p)
+        if id(p) in mixing:
+            roles["mixing"].append(p)
         elif id(p) in embedding:  # checked before head: a tied weight is the embedding
             roles["embedding"].append(p)
         elif id(p) in head:
@@ -45,27 +58,76 @@ def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return dict(roles)
 
 
-def build_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    roles = parameter_roles(model)
-    decay = [p for role in ("matrix", "embedding", "head") for p in roles.get(role, [])]
-    no_decay = [p for role in ("vector", "no_decay") for p in roles.get(role, [])]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "base_lr": cfg.lr, "name": "no_decay"},
-    ]
-    groups = [g for g in groups if g["params"]]
+def role_groups(model: nn.Module, cfg, roles: tuple[str, ...] = ROLES) -> list[dict]:
+    """One parameter group per non-empty role, with its learning rate and weight decay resolved."""
+    params = parameter_roles(model)
+    groups = []
+    for role in roles:
+        if not params.get(role):
+            continue
+        override = cfg.groups.get(role) or {}
+        lr = override.get("lr") or cfg.lr
+        weight_decay = override.get("weight_decay")
+        if weight_decay is None:
+            weight_decay = cfg.weight_decay if role in DECAYED_ROLES else 0.0
+        groups.append({"params": params[role], "lr": lr, "base_lr": lr, "weight_decay": weight_decay, "name": role})
+    return groups
+
+
+class Optimizers:
+    """Several torch optimizers stepped as one (Muon for matrices + AdamW for the rest).
+
+    `optimizers` is what torch.distributed.checkpoint's get_state_dict / set_state_dict take.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+def _adamw(groups: list[dict], cfg) -> torch.optim.AdamW:
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=on_cuda or None)  # fused kernel: one launch for all params on GPU
 
 
-OPTIMIZERS: dict[str, Callable[[nn.Module, object], torch.optim.Optimizer]] = {"adamw": build_adamw}
+def build_adamw(model: nn.Module, cfg) -> Optimizers:
+    return Optimizers([_adamw(role_groups(model, cfg), cfg)])
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_muon(model: nn.Module, cfg) -> Optimizers:
+    from .muon import Muon
+
+    matrices = role_groups(model, cfg, roles=("matrix",))
+    rest = role_groups(model, cfg, roles=tuple(r for r in ROLES if r != "matrix"))
+    muon = Muon(matrices, lr=cfg.lr, momentum=cfg.muon.momentum, nesterov=cfg.muon.nesterov,
+                ns_steps=cfg.muon.ns_steps, update_scale=cfg.muon.update_scale, update_rms=cfg.muon.update_rms,
+                ns_dtype={"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.muon.ns_dtype])
+    return Optimizers([muon, _adamw(rest, cfg)] if rest else [muon])
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module, object], Optimizers]] = {"adamw": build_adamw, "muon": build_muon}
+
+
+def build_optimizer(model: nn.Module, cfg) -> Optimizers:
     return OPTIMIZERS[cfg.name](model, cfg)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+def set_lr(optimizer: Optimizers, multiplier: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * multiplier

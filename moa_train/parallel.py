@@ -1,4 +1,8 @@
-"""Where the model meets the hardware: device, precision and compilation, applied in one place."""
+"""Where the model meets the hardware: precision, compilation and data parallelism, in one place.
+
+Order matters and follows torchtitan: compile each block, then shard (FSDP2 `fully_shard` per
+block and on the root) or replicate (DDP). The model file knows nothing of any of it.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,17 @@ import contextlib
 import torch
 import torch.nn as nn
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from .distributed import DistEnv
 
 
-def autocast_context(device: torch.device, dtype: str):
-    # bf16 autocast on GPU only: this CPU runs bf16 matmuls ~100x slower than float32.
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+def use_bf16(device: torch.device, dtype: str) -> bool:
+    # bf16 on GPU only by default: this CPU runs bf16 matmuls ~100x slower than float32.
+    return dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+
+
+def autocast_context(device: torch.device, dtype: str, mode: str = "none"):
+    # FSDP2 casts parameters itself (MixedPrecisionPolicy); autocast is for none/ddp.
+    if use_bf16(device, dtype) and mode != "fsdp":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -28,10 +32,52 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def parallelize(model: nn.Module, device: torch.device, compile: bool | None) -> nn.Module:
+def parallelize(model: nn.Module, env: DistEnv, compile: bool | None, dtype: str = "auto") -> nn.Module:
     if compile is None:
-        compile = device.type == "cuda"
+        compile = env.device.type == "cuda"
     if compile:
         for block in model.layers:
             block.compile()  # per block: shorter compile, and FSDP units stay block-sized
+    if env.mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if use_bf16(env.device, dtype) else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    elif env.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Transformer itself (DDP wraps it; FSDP2 does not)."""
+    return model.module if hasattr(model, "module") else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    return norm.item()

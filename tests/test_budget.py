@@ -95,3 +95,17 @@ def test_tied_weights_counted_once():
     with torch.device("meta"):
         untied = Transformer(compose_config("model=tiny").model, cfg.ffn)
     assert count_parameters(untied)["total"] - unique == cfg.model.vocab_size * cfg.model.dim
+
+
+def test_flops_per_token_and_mfu():
+    from moa_train.budget import flops_per_token, mfu, peak_flops
+
+    # untied: the embedding table is a lookup, not a matmul; the head is
+    per_token = flops_per_token(active_params=1000, vocab_size=10, dim=4, n_layers=2, seq_len=8)
+    assert per_token == 6 * (1000 - 40) + 12 * 2 * 4 * 8
+    tied = flops_per_token(active_params=1000, vocab_size=10, dim=4, n_layers=2, seq_len=8, tied_embeddings=True)
+    assert tied == 6 * 1000 + 12 * 2 * 4 * 8
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops(None) is None
+    assert peak_flops(None, override_tflops=100) == 100e12
+    assert mfu(1e6, 6e8, 989e12, world_size=2) == pytest.approx(1e6 * 6e8 / (2 * 989e12))
+    assert mfu(1e6, 6e8, None) is None  # no MFU on CPU unless train.peak_tflops is set

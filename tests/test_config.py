@@ -143,3 +143,39 @@ def test_cli_zero_budget():
 
 def test_user_errors_are_one_class():
     assert issubclass(ConfigError, UserError)
+
+
+def test_slurm_launcher_config_composes_for_sweeps():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (8, 8, "gpu")
+
+
+def test_run_directory_is_named_by_the_overrides():
+    from moa_train.config import run_name
+
+    assert run_name("") == "default"
+    assert run_name("ffn=qd_moa,model=tiny") == "ffn=qd_moa,model=tiny"
+    assert "/" not in run_name("data.path=/corpus/books,model=tiny")
+    long = run_name("x=" + "a" * 400)
+    assert len(long) < 160 and long != run_name("x=" + "a" * 399 + "b")
+
+
+def test_cli_same_command_same_run_directory(tmp_path):
+    """Without hydra.run.dir, the run directory follows the overrides (so a rerun resumes)."""
+    for _ in range(2):
+        result = run_cli("model=tiny", "ffn=moa1", "dry_run=true", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    runs = [p.name for p in (tmp_path / "outputs" / "runs").iterdir()]
+    assert runs == ["ffn=moa1,model=tiny"]  # dry_run is not part of the name
+
+
+def test_unknown_dist_mode_is_refused():
+    cfg = compose_config("dist.name=horovod")
+    with pytest.raises(ConfigError, match="Accepted: auto, none, ddp, fsdp"):
+        validate_config(cfg)

@@ -139,10 +139,26 @@ def test_packed_batches_are_deterministic_shifted_and_cover_each_epoch():
 def test_validation_batches_are_fixed_windows():
     tokens = np.arange(1000, dtype=np.uint16)
     batches = validation_batches(tokens, seq_len=10, eval_tokens=95, batch_size=4)
-    xs = torch.cat([x for x, _ in batches])
+    xs = torch.cat([x for x, _, _ in batches])
     assert xs.shape == (9, 10)
     assert xs[:, 0].tolist() == list(range(0, 90, 10))
-    assert torch.equal(torch.cat([y for _, y in batches]), xs + 1)
+    assert torch.equal(torch.cat([y for _, y, _ in batches]), xs + 1)
+    assert torch.cat([w for _, _, w in batches]).tolist() == [1.0] * 9
+
+
+def test_validation_shares_of_ranks_cover_the_set_once():
+    """2 ranks: 9 windows as 5 + 4, the short share padded with a weight-0 window, same batch count."""
+    tokens = np.arange(1000, dtype=np.uint16)
+    shares = [validation_batches(tokens, seq_len=10, eval_tokens=95, batch_size=2, rank=r, world_size=2)
+              for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 3
+    starts, weights = [], []
+    for share in shares:
+        for x, _, w in share:
+            starts += x[:, 0].tolist()
+            weights += w.tolist()
+    kept = sorted(s for s, w in zip(starts, weights) if w == 1.0)
+    assert kept == list(range(0, 90, 10)) and weights.count(0.0) == 1
 
 
 def test_meta_records_provenance(plays_dir, tmp_path):

@@ -95,20 +95,25 @@ def test_activation_dictionary_names_and_abbreviations():
 
 def test_parameter_roles_and_adamw_decay_groups():
     model = tiny_model()
-    extra = mark_no_weight_decay(nn.Parameter(torch.zeros(3)))
+    extra = nn.Parameter(torch.zeros(3))
     model.layers[0].ffn.gate = extra
+    mark_no_weight_decay(model.layers[0].ffn, "gate")
     roles = parameter_roles(model)
     assert roles["embedding"] == [model.tok_embeddings.weight]
     assert roles["head"] == [model.output.weight]
-    assert any(p is extra for p in roles["no_decay"])
+    assert any(p is extra for p in roles["mixing"])
     assert all(p.ndim == 1 for p in roles["vector"])
     assert len(roles["matrix"]) == model.cfg.n_layers * (4 + 3)
-    cfg = compose_config("model=tiny", "optim.weight_decay=0.05")
+    cfg = compose_config("model=tiny", "optim.weight_decay=0.05", "optim.groups.embedding.lr=5e-3",
+                         "optim.groups.vector.weight_decay=0.01")
     optimizer = build_optimizer(model, cfg.optim)
     by_name = {g["name"]: g for g in optimizer.param_groups}
-    assert by_name["decay"]["weight_decay"] == 0.05 and by_name["no_decay"]["weight_decay"] == 0.0
-    decayed = {id(p) for p in by_name["decay"]["params"]}
-    assert id(extra) not in decayed and id(model.layers[0].attn_norm.weight) not in decayed
-    assert id(model.layers[0].attn.wq.weight) in decayed
+    assert sorted(by_name) == ["embedding", "head", "matrix", "mixing", "vector"]
+    assert by_name["matrix"]["weight_decay"] == 0.05 and by_name["head"]["weight_decay"] == 0.05
+    assert by_name["mixing"]["weight_decay"] == 0.0  # gates and LA coefficients are never decayed by default
+    assert by_name["vector"]["weight_decay"] == 0.01  # ... unless a group says so
+    assert by_name["embedding"]["base_lr"] == 5e-3 and by_name["matrix"]["base_lr"] == cfg.optim.lr
+    assert any(p is extra for p in by_name["mixing"]["params"])
+    assert any(p is model.layers[0].attn.wq.weight for p in by_name["matrix"]["params"])
     n_params = len({id(p) for p in model.parameters()})
     assert sum(len(g["params"]) for g in optimizer.param_groups) == n_params

@@ -50,11 +50,11 @@ class Coefficients(nn.Module):
         self.register_buffer("baseline", torch.cat(baseline), persistent=False)  # one-hot per segment
         n = sum(segments)
         if mixture == "la":
-            self.weight = mark_no_weight_decay(nn.Parameter(torch.empty(groups, n)))
+            self.weight = nn.Parameter(torch.empty(groups, n))
+            mark_no_weight_decay(self, "weight")
         else:
             self.gate = nn.Linear(dim, groups * n, bias=gate_bias)
-            for p in self.gate.parameters():
-                mark_no_weight_decay(p)
+            mark_no_weight_decay(self.gate, "weight", "bias")
             self.register_buffer("offset", torch.zeros(n), persistent=False)
         # Evaluation-time statistics of the coefficients (see recording_mixture_statistics).
         self.register_buffer("stat_sum", torch.zeros(n), persistent=False)
