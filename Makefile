@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STEPS ?= 300
 DEMO_FFN ?= qd_moa
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean pydocs
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check moa_train tests benchmarks
+
+# Debian's python3.11-doc as an offline corpus for data=pydocs (~11 MB of .rst.txt), unpacked, never
+# installed (apt-get install would upgrade system Python packages).
+PYDOCS_DIR ?= $(or $(MOA_TRAIN_CACHE),$(HOME)/.cache/moa_train)/pydocs
+pydocs:
+	test -d $(PYDOCS_DIR)/usr/share/doc/python3.11/html/_sources || (tmp=$$(mktemp -d) && cd $$tmp && \
+		apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb $(PYDOCS_DIR) && rm -rf $$tmp)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -17,6 +17,7 @@ Type-I variants are compared with relu2, Type-II with swiglu.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False)
     import moa_train.config  # noqa: F401
     from moa_train.budget import count_parameters, plan_run
     from moa_train.config import validate_config
+    from moa_train.data import resolve_vocab_size
     from moa_train.distributed import init_distributed
     from moa_train.model import Transformer
     from moa_train.optim import build_optimizer
@@ -55,6 +57,7 @@ def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False)
     with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     validate_config(cfg)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)
     env = init_distributed("none", cfg.train.device)
     device = env.device
     torch.manual_seed(cfg.train.seed)
@@ -140,6 +143,64 @@ def machine() -> dict:
     return info
 
 
+def measure_moe(overrides: list[str], steps: int, warmup: int, rounds: int) -> list[dict]:
+    """One MoE block of the model preset: forward + backward tokens/s of each dispatch path."""
+    import torch
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import moa_train.config  # noqa: F401
+    from moa_train.config import validate_config
+    from moa_train.moe import MoE
+    from moa_train.moe.experts import _torch_grouped_mm_works
+    from moa_train.moe.reference import per_expert_loop
+
+    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["model=tiny_moe", *overrides])
+    validate_config(cfg)
+    if cfg.model.family != "moe":
+        raise SystemExit(f"moa-bench --moe: model {cfg.model.name} is not an MoE preset")
+    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.train.device == "auto" else cfg.train.device))
+    torch.manual_seed(cfg.train.seed)
+    tokens = (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.train.seq_len
+    x = torch.randn(tokens, cfg.model.dim, device=device)
+    paths = {"grouped (loop over experts)": "loop", "naive (mask per expert)": "naive"}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if _torch_grouped_mm_works(device.type, dtype):
+        paths["grouped (torch._grouped_mm)"] = "torch"
+    results = {}
+    for _ in range(rounds):
+        for label, path in paths.items():
+            moe_cfg = OmegaConf.merge(cfg.model.moe, {"grouped_mm": "loop" if path == "naive" else path})
+            with device:
+                moe = MoE(cfg.model.dim, moe_cfg, cfg.ffn, cfg.model.ffn_multiple_of)
+            moe.reset_parameters(cfg.model.init_std, cfg.model.init_std)
+            forward = (lambda m, t: per_expert_loop(m, t)) if path == "naive" else (lambda m, t: m(t))
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
+                contextlib.nullcontext()
+            times = []
+            for i in range(warmup + steps):
+                start = time.perf_counter()
+                with autocast:
+                    forward(moe, x).float().pow(2).mean().backward()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            if label not in results or median < results[label]["step_s"]:
+                results[label] = {"path": label, "step_s": median, "tokens_per_s": tokens / median}
+    naive = results["naive (mask per expert)"]["step_s"]
+    rows = [{**r, "speedup_vs_naive": naive / r["step_s"]} for r in results.values()]
+    print(f"MoE block of {cfg.model.name} ({cfg.model.moe.n_experts} experts, top-{cfg.model.moe.top_k}, "
+          f"ffn={cfg.ffn.name}), {tokens} tokens, forward + backward on {device.type}")
+    print(f"{'path':<30} {'ms':>9} {'tokens/s':>10} {'x naive':>8}")
+    for r in rows:
+        print(f"{r['path']:<30} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>10.0f} {r['speedup_vs_naive']:>8.2f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     from moa_train.ffn import FFN_REGISTRY
 
@@ -149,12 +210,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best median is kept")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--moe", action="store_true",
+                        help="time one MoE block (default model=tiny_moe): grouped dispatch against a naive loop")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny model.dim=384")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(args.overrides, args.steps, args.warmup, args.memory)))
+        return
+    if args.moe:
+        report = {"machine": machine(), "overrides": args.overrides, "steps": args.steps,
+                  "results": measure_moe(args.overrides, args.steps, args.warmup, args.rounds)}
+        print(json.dumps(report))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
         return
 
     variants = [v for v in args.variants.split(",") if v]

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from .errors import ConfigError
-from .ffn import FFN
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -26,7 +25,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     non_embedding = sum(p.numel() for i, p in params.items() if i not in embedding)
     inactive = sum(m.inactive_parameter_count() for m in model.modules()
                    if hasattr(m, "inactive_parameter_count"))
-    ffn_extra = sum(p.numel() for m in model.modules() if isinstance(m, FFN) for p in m.extra_parameters())
+    ffn_extra = sum(p.numel() for m in model.modules() if hasattr(m, "extra_parameters")
+                    for p in m.extra_parameters())
     return {"total": total, "active": total - inactive, "non_embedding": non_embedding, "ffn_extra": ffn_extra}
 
 

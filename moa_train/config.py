@@ -19,6 +19,20 @@ from .errors import ConfigError
 
 
 @dataclass
+class MoEConfig:
+    n_experts: int = 32  # routed experts
+    top_k: int = 4
+    n_shared_experts: int = 1  # always active, together one FFN n_shared times as wide as an expert
+    expert_hidden: int = 512  # hidden width of a Type-II expert; Type-I experts get 3/2 of it (same parameters)
+    score: str = "sigmoid"  # router scores: softmax | sigmoid (computed in float32)
+    renormalize: bool = True  # top-k weights divided by their sum
+    route_scale: float = 1.0
+    bias_update_coef: float = 1e-3  # auxiliary-loss-free balancing step; 0 disables
+    aux_loss_coef: float = 0.0  # auxiliary balance loss; 0 disables
+    grouped_mm: str = "auto"  # auto: torch._grouped_mm where supported, else a loop over experts | torch | loop
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     family: str = "dense"
@@ -26,7 +40,7 @@ class ModelConfig:
     n_layers: int = MISSING
     n_heads: int = MISSING
     n_kv_heads: int | None = None  # None: as many as n_heads (no grouped-query attention)
-    vocab_size: int = MISSING
+    vocab_size: int | None = None  # None: the tokenizer's size (data.tokenizer)
     # None: 4*dim for Type-I FFNs, 8/3*dim rounded up to ffn_multiple_of for Type-II, so that
     # both families hold the same 8*dim^2 projection parameters per layer.
     ffn_hidden: int | None = None
@@ -35,6 +49,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)  # used when family is moe
 
 
 @dataclass
@@ -104,13 +119,26 @@ class ScheduleConfig:
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int | None = None  # None: model.vocab_size
+    vocab_size: int | None = None  # size of the BPE trained on the corpus; None: model.vocab_size
+    path: str | None = None  # a tokenizer.json (or a directory holding one) to load instead of training
+    pretrained: str | None = None  # a hub name for Tokenizer.from_pretrained, e.g. gpt2 (needs the hub)
+    eot: str | None = None  # end-of-document token of a loaded tokenizer; None: <|endoftext|>, </s>, ...
+    train_chars: int | None = None  # the BPE trains on the corpus's first train_chars characters; None: all
 
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"
-    path: str | None = None
+    name: str = "shakespeare"  # the source: shakespeare | pydocs | local | hf (see docs/data.md)
+    path: str | None = None  # local: a file, directory or glob; pydocs: where the package was extracted
+    text_key: str = "text"  # the text field of .jsonl/.json/.parquet records and hub datasets
+    dataset: str | None = None  # hf: a hub dataset name (or a local dataset directory)
+    subset: str | None = None  # hf: its configuration, e.g. sample-10BT
+    split: str = "train"  # hf
+    revision: str | None = None  # hf: a commit, tag or branch; None: main
+    streaming: bool = True  # hf: stream instead of downloading the whole split first
+    max_documents: int | None = None  # read at most this many documents (bounds a streamed dataset)
+    shard_tokens: int = 1 << 28  # tokens per shard file (512 MiB of uint16)
+    verify: str = "auto"  # checksums on load: auto (full up to 4 GiB of tokens, sizes beyond) | full | size
     cache_dir: str | None = None  # None: $MOA_TRAIN_CACHE, else ~/.cache/moa_train
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -198,7 +226,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
-MODEL_FAMILIES = ("dense",)
+MODEL_FAMILIES = ("dense", "moe")
 
 
 def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
@@ -224,7 +252,7 @@ def _fraction(cfg: DictConfig, key: str) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check every value before compute starts; raise ConfigError naming the key."""
-    from .data import DATA_SOURCES
+    from .data import check_data_config
     from .distributed import DIST_MODES
     from .ffn import FFN_REGISTRY, ffn_hidden_dim
     from .ffn.mixtures import validate_ffn_config
@@ -254,6 +282,8 @@ def validate_config(cfg: DictConfig) -> None:
     if m.n_heads % n_kv:
         raise ConfigError("model.n_kv_heads", f"{n_kv} does not divide model.n_heads={m.n_heads}.")
 
+    if m.family == "moe":
+        _validate_moe(cfg)
     _choice(cfg, "ffn.name", sorted(FFN_REGISTRY))
     validate_ffn_config(cfg.ffn, ffn_hidden_dim(m.dim, cfg.ffn.name, m.ffn_hidden, m.ffn_multiple_of))
 
@@ -280,13 +310,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("schedule.warmup_frac", "schedule.min_lr_ratio", "schedule.decay_frac"):
         _fraction(cfg, key)
 
-    _choice(cfg, "data.name", sorted(DATA_SOURCES))
-    _positive(cfg, "data.tokenizer.vocab_size")
-    if cfg.data.tokenizer.vocab_size and cfg.data.tokenizer.vocab_size > m.vocab_size:
-        raise ConfigError("data.tokenizer.vocab_size",
-                          f"{cfg.data.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}; "
-                          "token ids would fall outside the embedding.")
-    DATA_SOURCES[cfg.data.name].check(cfg.data)
+    check_data_config(cfg.data, m.vocab_size)  # source, keys, tokenizer size (moa_train/data.py)
 
     _positive(cfg, "train.keep_checkpoints")
     _positive(cfg, "train.peak_tflops")
@@ -313,6 +337,24 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("train.eval_tokens",
                           f"{cfg.train.eval_tokens} is shorter than one sequence (train.seq_len="
                           f"{cfg.train.seq_len}).")
+
+
+def _validate_moe(cfg: DictConfig) -> None:
+    from .moe import GROUPED_MM, SCORES
+
+    moe = cfg.model.moe
+    if moe.n_experts < 1:
+        raise ConfigError("model.moe.n_experts", f"got {moe.n_experts}; an MoE layer needs at least one expert.")
+    if not 1 <= moe.top_k <= moe.n_experts:
+        raise ConfigError("model.moe.top_k", f"got {moe.top_k}; each token visits between 1 and model.moe.n_experts="
+                          f"{moe.n_experts} experts.")
+    _positive(cfg, "model.moe.n_shared_experts", allow_zero=True)
+    _positive(cfg, "model.moe.expert_hidden")
+    _positive(cfg, "model.moe.route_scale")
+    _positive(cfg, "model.moe.bias_update_coef", allow_zero=True)
+    _positive(cfg, "model.moe.aux_loss_coef", allow_zero=True)
+    _choice(cfg, "model.moe.score", SCORES)
+    _choice(cfg, "model.moe.grouped_mm", GROUPED_MM)
 
 
 def expand_path(path: str) -> str:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from .ffn import FFN, build_ffn, ffn_hidden_dim
+from .moe import MoE
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +54,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FFN):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FFN | MoE):
         super().__init__()
         self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, n_kv_heads)
@@ -70,17 +71,23 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = model_cfg
         dim = model_cfg.dim
-        hidden = ffn_hidden_dim(dim, ffn_cfg.name, model_cfg.ffn_hidden, model_cfg.ffn_multiple_of)
         n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
         self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, dim)
         self.layers = nn.ModuleList(
-            Block(dim, model_cfg.n_heads, n_kv_heads, model_cfg.norm_eps, build_ffn(ffn_cfg, dim, hidden))
+            Block(dim, model_cfg.n_heads, n_kv_heads, model_cfg.norm_eps, self._ffn(model_cfg, ffn_cfg))
             for _ in range(model_cfg.n_layers)
         )
         self.norm = nn.RMSNorm(dim, eps=model_cfg.norm_eps)
         self.output = nn.Linear(dim, model_cfg.vocab_size, bias=False)
         if model_cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    @staticmethod
+    def _ffn(model_cfg: DictConfig, ffn_cfg: DictConfig) -> nn.Module:
+        if model_cfg.family == "moe":
+            return MoE(model_cfg.dim, model_cfg.moe, ffn_cfg, model_cfg.ffn_multiple_of)
+        hidden = ffn_hidden_dim(model_cfg.dim, ffn_cfg.name, model_cfg.ffn_hidden, model_cfg.ffn_multiple_of)
+        return build_ffn(ffn_cfg, model_cfg.dim, hidden)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -108,4 +115,9 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        if self.training:  # MoE balance losses, when configured
+            for block in self.layers:
+                if getattr(block.ffn, "aux_loss", None) is not None:
+                    loss = loss + block.ffn.aux_loss
+        return loss

@@ -49,7 +49,10 @@ def parallelize(model: nn.Module, env: DistEnv, compile: bool | None, dtype: str
     elif env.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # broadcast_buffers=False: buffers are kept equal by construction (MoE biases follow all-reduced
+        # loads), and per-rank counters such as the MoE loads must not be overwritten by rank 0's
+        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
     return model
 
 

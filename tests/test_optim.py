@@ -45,7 +45,7 @@ def test_parameter_roles_are_the_same_under_ddp_and_fsdp():
     assert done.returncode == 0, done.stderr[-3000:]
     roles = json.loads(done.stdout.strip().splitlines()[-1])
     plain = roles["plain"]
-    assert plain["mixing"] == ["layers.0.ffn.coefficients.gate.weight", "layers.1.ffn.coefficients.gate.weight"]
+    assert plain["mixing"] == ["layers.0.ffn.coefficients.gate_weight", "layers.1.ffn.coefficients.gate_weight"]
     assert plain["head"] == ["output.weight"] and plain["embedding"] == ["tok_embeddings.weight"]
     assert len(plain["matrix"]) == 2 * (4 + 3)
     assert roles["ddp"] == plain

@@ -17,9 +17,11 @@ start at phi(0) (0.5 for sigmoid).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ..activations import accepted_names, canonical_name
@@ -40,21 +42,86 @@ def gate_at_zero(gate: str, size: int) -> float:
     return {"sigmoid": 0.5, "tanh": 0.0, "linear": 0.0, "softmax": 1.0 / size}[gate]
 
 
-class Coefficients(nn.Module):
-    """Mixing weights of one FFN: (1, G, n) learned constants (LA) or (N, G, n) gates (MoA)."""
+@dataclass(frozen=True)
+class Mixing:
+    """What a mixture FFN computes between its projections: h = mix(A = W1 x, B = W2 x, coefficients).
 
-    def __init__(self, dim: int, segments: list[int], groups: int, mixture: str, gate: str, gate_bias: bool,
-                 init: str, baseline: list[torch.Tensor]):
+    Shared by the dense FFN and by stacked MoE experts, which differ only in how they project.
+    """
+
+    family: str  # type1 | type2
+    form: str  # one | bi | qd
+    mixture: str  # la | moa
+    names_a: tuple[str, ...]
+    names_b: tuple[str, ...] | None
+    kernel: str
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Mixing:
+        from .base import FFN_REGISTRY
+
+        spec = FFN_REGISTRY[cfg.name]
+        names_a = tuple(canonical_name(n) for n in (cfg.dict or DEFAULT_DICT[spec.family]))
+        names_b = tuple(canonical_name(n) for n in (cfg.up_dict or DEFAULT_UP_DICT)) \
+            if spec.form in ("bi", "qd") else None
+        return cls(spec.family, spec.form, spec.mixture, names_a, names_b, cfg.kernel)
+
+    def layout(self, init: str) -> tuple[list[int], torch.Tensor]:
+        """Segment sizes of the coefficient vector, and its baseline one-hot (see the module docstring)."""
+        first, second = BASELINE_ENTRIES[self.family]
+        onehot_a = _onehot(self.names_a, first, init, "ffn.dict")
+        if self.form == "qd":
+            onehot_b = _onehot(self.names_b, second, init, "ffn.up_dict")
+            return [len(self.names_a) * len(self.names_b)], torch.outer(onehot_a, onehot_b).flatten()
+        if self.form == "bi":
+            return [len(self.names_a), len(self.names_b)], torch.cat([onehot_a, _onehot(self.names_b, second, init,
+                                                                                         "ffn.up_dict")])
+        return [len(self.names_a)], onehot_a
+
+    def entry_names(self) -> list[str]:
+        if self.form == "qd":
+            return [f"{a}*{b}" for a in self.names_a for b in self.names_b]
+        if self.form == "bi":
+            return list(self.names_a) + [f"up:{b}" for b in self.names_b]
+        return list(self.names_a)
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+        """a, b: (N, G, h) projections; c: (N or 1, G, n) coefficients -> (N, G, h)."""
+        if self.family == "type1":
+            return product_mix(a, c, self.names_a, kernel=self.kernel)
+        if self.form == "one":
+            return product_mix(a, c, self.names_a, b=b, kernel=self.kernel)
+        if self.form == "bi":
+            k1 = len(self.names_a)
+            return product_mix(a, c[..., :k1], self.names_a, b=b, e=c[..., k1:], names_b=self.names_b,
+                               kernel=self.kernel)
+        return pair_mix(a, b, c, self.names_a, self.names_b, kernel=self.kernel)
+
+
+class Coefficients(nn.Module):
+    """Mixing weights of one FFN, or of a stack of E experts (`n_experts`).
+
+    LA: learned constants, (G, n) or (E, G, n). MoA: gates phi(U x [+ b]) with U (G*n, d), or a
+    stack (E, G*n, d) applied to tokens sorted by expert. Returned as (N, G, n), or (1, G, n) for
+    the constants of one dense FFN.
+    """
+
+    def __init__(self, dim: int, mixing: Mixing, groups: int, gate: str, gate_bias: bool, init: str,
+                 n_experts: int | None = None):
         super().__init__()
-        self.segments, self.groups, self.mixture, self.gate_fn, self.init = segments, groups, mixture, gate, init
-        self.register_buffer("baseline", torch.cat(baseline), persistent=False)  # one-hot per segment
+        segments, baseline = mixing.layout(init)
+        self.segments, self.groups, self.mixture, self.gate_fn, self.init = segments, groups, mixing.mixture, gate, init
+        self.entry_names = mixing.entry_names()
+        self.register_buffer("baseline", baseline, persistent=False)  # one-hot per segment
         n = sum(segments)
-        if mixture == "la":
-            self.weight = nn.Parameter(torch.empty(groups, n))
+        stack = () if n_experts is None else (n_experts,)
+        if self.mixture == "la":
+            self.weight = nn.Parameter(torch.empty(*stack, groups, n))
             mark_no_weight_decay(self, "weight")
         else:
-            self.gate = nn.Linear(dim, groups * n, bias=gate_bias)
-            mark_no_weight_decay(self.gate, "weight", "bias")
+            self.gate_weight = nn.Parameter(torch.empty(*stack, groups * n, dim))
+            self.gate_bias = nn.Parameter(torch.empty(*stack, groups * n)) if gate_bias else None
+            mark_no_weight_decay(self, "gate_weight", "gate_bias")
             self.register_buffer("offset", torch.zeros(n), persistent=False)
         # Evaluation-time statistics of the coefficients (see recording_mixture_statistics).
         self.register_buffer("stat_sum", torch.zeros(n), persistent=False)
@@ -68,21 +135,27 @@ class Coefficients(nn.Module):
         if self.mixture == "la":
             self.weight.copy_((self.baseline if self.init == "baseline" else uniform).expand_as(self.weight))
             return
-        nn.init.zeros_(self.gate.weight)
-        if self.gate.bias is not None:
-            nn.init.zeros_(self.gate.bias)
+        nn.init.zeros_(self.gate_weight)
+        if self.gate_bias is not None:
+            nn.init.zeros_(self.gate_bias)
         at_zero = torch.cat([torch.full((s,), gate_at_zero(self.gate_fn, s)) for s in self.segments])
         self.offset.copy_(self.baseline - at_zero.to(self.baseline) if self.init == "baseline" else 0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear=F.linear, expert_ids: torch.Tensor | int | None = None) -> torch.Tensor:
+        """x: (N, d). For experts, `linear(x, stacked weight)` projects each token with its expert's
+        matrix and `expert_ids` (per token, or one int for a single expert) picks the constants."""
         if self.mixture == "la":
-            coefficients = self.weight.unsqueeze(0)
+            coefficients = self.weight.unsqueeze(0) if expert_ids is None else self.weight[expert_ids]
+            coefficients = coefficients.view(-1, self.groups, self.weight.shape[-1])
         else:
-            logits = self.gate(x).view(x.shape[0], self.groups, -1)
+            logits = linear(x, self.gate_weight)
+            if self.gate_bias is not None:
+                logits = logits + (self.gate_bias if expert_ids is None else self.gate_bias[expert_ids])
+            logits = logits.view(x.shape[0], self.groups, -1)
             coefficients = self._phi(logits) + self.offset.to(logits.dtype)
         if self.recording:
-            self.stat_sum += coefficients.detach().float().mean(1).sum(0)
-            self.stat_count += coefficients.shape[0]
+            self.stat_sum += coefficients.detach().float().mean(1).sum(0) * (x.shape[0] / coefficients.shape[0])
+            self.stat_count += x.shape[0]
         return coefficients
 
     def _phi(self, logits: torch.Tensor) -> torch.Tensor:
@@ -100,41 +173,30 @@ class Coefficients(nn.Module):
 
 
 class MixtureFFN(FFN):
-    """Shared by all LA / MoA variants: dictionaries, coefficients, hidden-group reshaping."""
+    """A dense LA / MoA FFN: the baseline's projections, coefficients, and the mixing between them."""
 
-    def __init__(self, dim: int, hidden: int, cfg: DictConfig, family: str, form: str, mixture: str):
+    def __init__(self, dim: int, hidden: int, cfg: DictConfig):
         super().__init__()
-        self.family, self.form, self.kernel = family, form, cfg.kernel
+        self.mixing = Mixing.from_config(cfg)
         self.groups = cfg.gate_groups
-        self.names_a = tuple(canonical_name(n) for n in (cfg.dict or DEFAULT_DICT[family]))
-        self.names_b = tuple(canonical_name(n) for n in (cfg.up_dict or DEFAULT_UP_DICT)) if form in ("bi", "qd") \
-            else None
+        family = self.mixing.family
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(dim, hidden, bias=False) if family == "type2" else nn.Linear(hidden, dim, bias=False)
         if family == "type2":
             self.w3 = nn.Linear(hidden, dim, bias=False)
             self.projections, self.output_projection = ("w1", "w2", "w3"), "w3"
-        segments, baseline = self._layout(cfg.init)
-        self.coefficients = Coefficients(dim, segments, self.groups, mixture, cfg.gate, cfg.gate_bias, cfg.init,
-                                         baseline)
+        self.coefficients = Coefficients(dim, self.mixing, self.groups, cfg.gate, cfg.gate_bias, cfg.init)
 
-    def _layout(self, init: str) -> tuple[list[int], list[torch.Tensor]]:
-        first, second = BASELINE_ENTRIES[self.family]
-        onehot_a = _onehot(self.names_a, first, init, "ffn.dict")
-        if self.form == "qd":
-            onehot_b = _onehot(self.names_b, second, init, "ffn.up_dict")
-            return [len(self.names_a) * len(self.names_b)], [torch.outer(onehot_a, onehot_b).flatten()]
-        if self.form == "bi":
-            return [len(self.names_a), len(self.names_b)], [onehot_a, _onehot(self.names_b, second, init,
-                                                                                 "ffn.up_dict")]
-        return [len(self.names_a)], [onehot_a]
+    @property
+    def names_a(self) -> tuple[str, ...]:
+        return self.mixing.names_a
+
+    @property
+    def names_b(self) -> tuple[str, ...] | None:
+        return self.mixing.names_b
 
     def entry_names(self) -> list[str]:
-        if self.form == "qd":
-            return [f"{a}*{b}" for a in self.names_a for b in self.names_b]
-        if self.form == "bi":
-            return list(self.names_a) + [f"up:{b}" for b in self.names_b]
-        return list(self.names_a)
+        return self.mixing.entry_names()
 
     def reset_extra_parameters(self) -> None:
         self.coefficients.reset_parameters()
@@ -145,19 +207,10 @@ class MixtureFFN(FFN):
         n = x.shape[0]
         c = self.coefficients(x)
         a = self.w1(x).view(n, self.groups, -1)
-        if self.family == "type1":
-            h = product_mix(a, c, self.names_a, kernel=self.kernel)
-            return self.w2(h.view(n, -1)).view(*lead, -1)
+        if self.mixing.family == "type1":
+            return self.w2(self.mixing(a, None, c).view(n, -1)).view(*lead, -1)
         b = self.w2(x).view(n, self.groups, -1)
-        if self.form == "one":
-            h = product_mix(a, c, self.names_a, b=b, kernel=self.kernel)
-        elif self.form == "bi":
-            k1 = len(self.names_a)
-            h = product_mix(a, c[..., :k1], self.names_a, b=b, e=c[..., k1:], names_b=self.names_b,
-                            kernel=self.kernel)
-        else:
-            h = pair_mix(a, b, c, self.names_a, self.names_b, kernel=self.kernel)
-        return self.w3(h.view(n, -1)).view(*lead, -1)
+        return self.w3(self.mixing(a, b, c).view(n, -1)).view(*lead, -1)
 
 
 def _onehot(names: tuple[str, ...], entry: str, init: str, key: str) -> torch.Tensor:
@@ -181,9 +234,7 @@ VARIANTS = {
 
 for _name, (_family, _form, _mixture) in VARIANTS.items():
     register_ffn(_name, family=_family, baseline="relu2" if _family == "type1" else "swiglu", mixture=_mixture,
-                 form=_form)(
-        lambda dim, hidden, cfg, _f=_family, _o=_form, _m=_mixture: MixtureFFN(dim, hidden, cfg, _f, _o, _m)
-    )
+                 form=_form)(MixtureFFN)
 
 
 # ----------------------------------------------------------------------------- checks and statistics
@@ -226,8 +277,7 @@ def validate_ffn_config(cfg: DictConfig, hidden: int) -> None:
     if cfg.gate_groups < 1 or hidden % cfg.gate_groups:
         raise ConfigError("ffn.gate_groups", f"{cfg.gate_groups} must be >= 1 and divide the hidden width {hidden}.")
     if cfg.init == "baseline":
-        with torch.device("meta"):
-            MixtureFFN(8, cfg.gate_groups, cfg, spec.family, spec.form, spec.mixture)  # raises if no baseline entry
+        Mixing.from_config(cfg).layout(cfg.init)  # raises if the dictionary lacks the baseline's activation
 
 
 @contextlib.contextmanager
@@ -244,11 +294,15 @@ def recording_mixture_statistics(model: nn.Module):
 
 
 def mixture_statistics(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Mean coefficient per dictionary entry per layer, from the last recorded pass."""
+    """Mean coefficient per dictionary entry per layer, from the last recorded pass.
+
+    Keys are module paths without the `.ffn` / `.coefficients` parts: `layers.0` for a dense FFN,
+    `layers.0.experts` and `layers.0.shared` in an MoE block.
+    """
     stats = {}
     for name, module in model.named_modules():
-        if isinstance(module, MixtureFFN) and module.coefficients.stat_count:
-            mean = (module.coefficients.stat_sum / module.coefficients.stat_count).tolist()
-            layer = name.removesuffix(".ffn")
-            stats[layer] = {entry: round(value, 5) for entry, value in zip(module.entry_names(), mean)}
+        if isinstance(module, Coefficients) and module.stat_count:
+            mean = (module.stat_sum / module.stat_count).tolist()
+            layer = name.removesuffix(".coefficients").removesuffix(".ffn").replace(".ffn.", ".")
+            stats[layer] = {entry: round(value, 5) for entry, value in zip(module.entry_names, mean)}
     return stats

@@ -1,0 +1,40 @@
+"""Dropless dispatch: tokens sorted by expert for grouped matrix products, and the way back.
+
+Every (token, expert) assignment is kept (no capacity factor, no dropped tokens). Both directions
+are permutations plus a sum over each token's k assignments, so forward and backward are
+deterministic: no scatter-add with atomics, whose order varies run to run on GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dispatch:
+    order: torch.Tensor  # (N*k,) assignment index for each row of the sorted layout
+    counts: torch.Tensor  # (E,) rows per expert, in expert order
+    expert_ids: torch.Tensor  # (N*k,) the expert of each sorted row
+    top_k: int
+
+
+def sort_by_expert(experts: torch.Tensor, n_experts: int) -> Dispatch:
+    """experts (N, k) -> the permutation that groups the N*k assignments by expert (stable)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return Dispatch(order, counts, flat[order], experts.shape[1])
+
+
+def gather_tokens(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+    """(N, d) -> (N*k, d) rows in expert order (each token repeated once per expert it visits)."""
+    return x.repeat_interleave(dispatch.top_k, dim=0)[dispatch.order]
+
+
+def combine(rows: torch.Tensor, dispatch: Dispatch, weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs in expert order (N*k, d) -> per token sum_k weight_k * output_k, (N, d)."""
+    unsorted = torch.empty_like(rows).index_copy(0, dispatch.order, rows)  # a permutation: no collisions
+    n = weights.shape[0]
+    return (unsorted.view(n, dispatch.top_k, -1) * weights.unsqueeze(-1).to(rows.dtype)).sum(1)
