@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STEPS ?= 300
 DEMO_FFN ?= qd_moa
 
-.PHONY: install demo test test-fast lint clean pydocs
+.PHONY: install demo test test-fast lint clean pydocs study
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check moa_train tests benchmarks
+
+# The CPU-scale study of docs/results/cpu_study (conf/sweep/cpu_study.yaml): 144 runs, then the report.
+# Rerunning skips the runs that finished.
+STUDY_DIR ?= docs/results/cpu_study
+study: install
+	@start=$$(date +%s); \
+	$(VENV)/bin/moa-train sweep=cpu_study hydra.sweep.dir=$(STUDY_DIR)/runs && \
+	$(VENV)/bin/moa-report $(STUDY_DIR)/runs --out $(STUDY_DIR) && \
+	echo "make study: $$(( $$(date +%s) - start )) s on $$(nproc) cores, $$(date -u +%Y-%m-%dT%H:%MZ)" \
+		| tee $(STUDY_DIR)/wall_time.txt
 
 # Debian's python3.11-doc as an offline corpus for data=pydocs (~11 MB of .rst.txt), unpacked, never
 # installed (apt-get install would upgrade system Python packages).

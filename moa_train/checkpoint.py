@@ -104,10 +104,15 @@ def _flatten(tree, prefix: str = "") -> dict:
     return flat
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'key: saved -> current' for every MUST_MATCH key whose value differs."""
+def config_differences(saved: dict, current: dict, only: tuple[str, ...] | None = MUST_MATCH,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key: saved -> current' for every differing key under `only` (None: all keys) and not under `ignore`."""
     old, new = _flatten(saved), _flatten(current)
-    keys = {k for k in old.keys() | new.keys() if any(k == m or k.startswith(m + ".") for m in MUST_MATCH)}
+
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    keys = {k for k in old.keys() | new.keys() if (only is None or under(k, only)) and not under(k, ignore)}
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(keys)
             if old.get(k) != new.get(k)]
 

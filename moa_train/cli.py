@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -9,25 +10,47 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from . import config as _config  # noqa: F401  (registers the schemas in the ConfigStore)
 from .distributed import launched_ranks
 from .errors import UserError
 
+FAILED_SWEEP_RUNS: list[str] = []  # run directories of a multirun whose job failed
+
 
 @hydra.main(version_base="1.3", config_path="pkg://moa_train.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     from .train import run  # imported here so that `--help` and config errors stay fast
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        summary = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        summary = run(cfg, run_dir)
     except UserError as exc:
         rank, world_size, _ = launched_ranks()
         where = f" (rank {rank})" if world_size > 1 else ""
         print(f"moa-train: error{where}: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if not in_sweep:
+            sys.exit(2)
+        # one bad run of a sweep is recorded (moa-report lists it) and the sweep goes on
+        _record_failure(run_dir, exc)
+        return None
+    except Exception as exc:
+        if in_sweep:  # Hydra finishes the other runs, then reports this one
+            _record_failure(run_dir, exc)
+        raise
     return summary.get("val_loss")  # the objective Hydra sweepers minimise
+
+
+def _record_failure(run_dir: Path, exc: Exception) -> None:
+    FAILED_SWEEP_RUNS.append(str(run_dir))
+    if launched_ranks()[0] == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None}, indent=2))
 
 
 def main() -> None:
@@ -38,6 +61,10 @@ def main() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=worker"]
     if world_size == 1:
         hydra_main()
+        if FAILED_SWEEP_RUNS:
+            print(f"moa-train: {len(FAILED_SWEEP_RUNS)} run(s) of the sweep failed: {', '.join(FAILED_SWEEP_RUNS)}",
+                  file=sys.stderr)
+            sys.exit(2)
         return
     # gloo's threads can outlive destroy_process_group and abort the interpreter's teardown now and
     # then (torch 2.13: "terminate called without an active exception"), turning a finished run

@@ -128,10 +128,10 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "shakespeare"  # the source: shakespeare | pydocs | local | hf (see docs/data.md)
+    source: str = "shakespeare"  # shakespeare | pydocs | local | hf (see docs/data.md)
+    name: str = "shakespeare"  # the corpus: the source's name, or for hf the hub dataset (HuggingFaceFW/fineweb-edu)
     path: str | None = None  # local: a file, directory or glob; pydocs: where the package was extracted
     text_key: str = "text"  # the text field of .jsonl/.json/.parquet records and hub datasets
-    dataset: str | None = None  # hf: a hub dataset name (or a local dataset directory)
     subset: str | None = None  # hf: its configuration, e.g. sample-10BT
     split: str = "train"  # hf
     revision: str | None = None  # hf: a commit, tag or branch; None: main
@@ -147,6 +147,9 @@ class DataConfig:
 class BudgetConfig:
     tokens_per_param: float = 20.0
     count: str = "active"  # which parameter count the budget multiplies
+    # baseline: count the parameters of the variant's baseline FFN (relu2 / swiglu) at this model size,
+    # so every variant of a size trains on the same tokens; own: the variant's own count
+    params_of: str = "baseline"
 
 
 @dataclass
@@ -310,12 +313,13 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("schedule.warmup_frac", "schedule.min_lr_ratio", "schedule.decay_frac"):
         _fraction(cfg, key)
 
-    check_data_config(cfg.data, m.vocab_size)  # source, keys, tokenizer size (moa_train/data.py)
+    check_data_config(cfg.data, m.vocab_size)  # source, keys, tokenizer size (moa_train/data/checks.py)
 
     _positive(cfg, "train.keep_checkpoints")
     _positive(cfg, "train.peak_tflops")
     _positive(cfg, "budget.tokens_per_param")
     _choice(cfg, "budget.count", BUDGET_COUNTS)
+    _choice(cfg, "budget.params_of", ("baseline", "own"))
     _choice(cfg, "dist.name", DIST_MODES)
     _choice(cfg, "logger.name", LOGGERS)
     _choice(cfg, "logger.mode", WANDB_MODES)

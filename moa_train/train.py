@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from .budget import RunPlan, count_parameters, flops_per_token, mfu, peak_flops, plan_run
-from .checkpoint import Checkpointer, check_compatible, read_meta, resume_path, set_aside
+from .checkpoint import Checkpointer, check_compatible, config_differences, read_meta, resume_path, set_aside
 from .config import to_container, validate_config
 from .data import PackedBatches, prepare_data, resolve_vocab_size, validation_batches
 from .distributed import (
@@ -36,6 +36,7 @@ from .distributed import (
     shutdown,
 )
 from .errors import DataError, UserError
+from .ffn import FFN_REGISTRY
 from .ffn.mixtures import mixture_statistics, recording_mixture_statistics
 from .metrics import MetricLoggers
 from .model import Transformer
@@ -45,15 +46,36 @@ from .parallel import autocast_context, clip_grad_norm, configure_backends, grad
 from .schedule import lr_multiplier
 
 log = logging.getLogger("moa_train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: what Slurm sends before preemption
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# keys that do not change what a run computes (a finished run with other values is the same run)
+NOT_THE_RUN = ("train.progress", "train.resume", "train.ckpt_every", "train.ckpt_at_end", "train.keep_checkpoints",
+               "train.log_every", "logger", "dry_run", "dist")  # SIGUSR1: what Slurm sends before preemption
 
 
 def describe(cfg: DictConfig, world_size: int = 1) -> tuple[dict[str, int], RunPlan]:
-    """Parameter counts and run plan, from a model built on the meta device (no memory, no init)."""
+    """Parameter counts and run plan, from models built on the meta device (no memory, no init).
+
+    The token budget counts the baseline's parameters by default (budget.params_of), so a variant
+    and its baseline are compared at the same number of tokens.
+    """
     with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.ffn)
-    counts = count_parameters(model)
-    return counts, plan_run(cfg.train, cfg.budget, counts, world_size=world_size)
+        counts = count_parameters(Transformer(cfg.model, cfg.ffn))
+        baseline = FFN_REGISTRY[cfg.ffn.name].baseline
+        budget_counts = counts
+        if cfg.budget.params_of == "baseline" and baseline != cfg.ffn.name:
+            budget_counts = count_parameters(Transformer(cfg.model, OmegaConf.create({"name": baseline})))
+    return counts, plan_run(cfg.train, cfg.budget, budget_counts, world_size=world_size)
+
+
+def finished_summary(run_dir: Path, config: dict, steps: int) -> dict | None:
+    """The summary of a completed run of this configuration in run_dir, if there is one."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") != "completed" or summary.get("steps") != steps or "config" not in summary:
+        return None
+    return None if config_differences(summary["config"], config, only=None, ignore=NOT_THE_RUN) else summary
 
 
 class StopRequest:
@@ -126,6 +148,13 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         raise UserError(f"the processes resolved different run directories {sorted(set(directories))}; "
                         "set hydra.run.dir explicitly for distributed runs.")
 
+    # --- a finished run in this directory (a sweep rerun after an interruption skips it)
+    config = to_container(cfg)
+    if cfg.train.resume == "auto" and (done := finished_summary(run_dir, config, plan.steps)):
+        log.info("the run in %s is already complete (%d steps, summary.json): nothing to train. Use "
+                 "train.resume=never to train it again, or another hydra.run.dir.", run_dir, done["steps"])
+        return done
+
     # --- hardware and randomness
     configure_backends(env.device)
     autocast = autocast_context(env.device, cfg.train.dtype, env.mode)
@@ -146,7 +175,6 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                                      env.rank, env.world_size)
 
     # --- resume point: checked before the model is built, so a refused checkpoint costs nothing
-    config = to_container(cfg)
     checkpoint = resume_path(run_dir, cfg.train.resume)
     meta = read_meta(checkpoint) if checkpoint else None
     if meta:

@@ -109,3 +109,21 @@ def test_flops_per_token_and_mfu():
     assert peak_flops(None, override_tflops=100) == 100e12
     assert mfu(1e6, 6e8, 989e12, world_size=2) == pytest.approx(1e6 * 6e8 / (2 * 989e12))
     assert mfu(1e6, 6e8, None) is None  # no MFU on CPU unless train.peak_tflops is set
+
+
+def test_variants_of_a_size_get_the_baseline_budget_unless_told_otherwise():
+    from moa_train.train import describe
+
+    def plan(*overrides):
+        counts, run_plan = describe(compose_config("model=dense_0.12b", *overrides))
+        return counts, run_plan
+
+    base_counts, base = plan("ffn=swiglu")
+    moa_counts, moa = plan("ffn=qd_moa")
+    assert moa_counts["total"] > base_counts["total"]
+    assert moa.budget_tokens == base.budget_tokens == 20 * base_counts["total"] and moa.steps == base.steps
+    _, own = plan("ffn=qd_moa", "budget.params_of=own")
+    assert own.budget_tokens == 20 * moa_counts["total"] > base.budget_tokens
+    relu_counts, relu = plan("ffn=relu2")
+    _, moa1 = plan("ffn=moa1")
+    assert moa1.budget_tokens == relu.budget_tokens == 20 * relu_counts["total"]  # Type-I: against relu2

@@ -25,7 +25,9 @@ def test_every_option_composes_and_validates(group, tmp_path):
         extra = [f"data.path={tmp_path}"] if (group, option) == ("data", "local") else []
         cfg = compose_config(f"{group}={option}", *extra)
         validate_config(cfg)
-        if "name" in cfg[group]:
+        if "source" in cfg[group]:  # data: the option picks the source; data.name names the corpus
+            assert cfg[group].source == option
+        elif "name" in cfg[group]:
             assert cfg[group].name == option
 
 

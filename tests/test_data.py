@@ -29,7 +29,7 @@ from moa_train.errors import DataError
 
 
 def data_cfg(path, cache, **keys):
-    cfg = OmegaConf.structured(DataConfig(name="local", path=str(path), cache_dir=str(cache)))
+    cfg = OmegaConf.structured(DataConfig(source="local", name="local", path=str(path), cache_dir=str(cache)))
     return OmegaConf.merge(cfg, keys)
 
 

@@ -24,11 +24,12 @@ DOCS = [f"Document {i}: the {['red', 'green', 'blue'][i % 3]} fox number {i * 7}
 
 
 def cfg_of(tmp_path, **keys):
+    keys.setdefault("source", keys.get("name", "shakespeare"))
     return OmegaConf.merge(OmegaConf.structured(DataConfig(cache_dir=str(tmp_path / "cache"))), keys)
 
 
 def documents(cfg) -> list[str]:
-    return list(DATA_SOURCES[cfg.name].corpus(cfg).documents())
+    return list(DATA_SOURCES[cfg.source].corpus(cfg).documents())
 
 
 def write_jsonl(path, records):
@@ -130,9 +131,9 @@ def test_hub_path_on_a_local_dataset_directory_streams_and_stops_at_max_document
     dataset.mkdir(parents=True)
     pq.write_table(pa.table({"text": DOCS[:20], "url": ["u"] * 20}), dataset / "train-00000-of-00002.parquet")
     pq.write_table(pa.table({"text": DOCS[20:], "url": ["u"] * 20}), dataset / "train-00001-of-00002.parquet")
-    cfg = cfg_of(tmp_path, name="hf", dataset=str(tmp_path / "my_dataset"), split="train", streaming=True,
+    cfg = cfg_of(tmp_path, source="hf", name=str(tmp_path / "my_dataset"), split="train", streaming=True,
                  max_documents=30)
-    validate_config(compose_config("data=hf", f"data.dataset={tmp_path / 'my_dataset'}"))
+    validate_config(compose_config("data=hf", f"data.name={tmp_path / 'my_dataset'}"))
     data = prepare_data(cfg, 300, eval_tokens=256, seq_len=32)
     assert data.meta["documents"] == 30 and data.meta["dataset"] == str(tmp_path / "my_dataset")
     assert sorted(decoded(data)) == sorted(DOCS[:30])
@@ -154,7 +155,7 @@ def offline(monkeypatch):
 
 
 def test_hub_dataset_and_pretrained_tokenizer_fail_clearly_offline(tmp_path, offline):
-    cfg = cfg_of(tmp_path, name="hf", dataset="HuggingFaceFW/fineweb-edu", subset="sample-10BT", max_documents=10)
+    cfg = cfg_of(tmp_path, source="hf", name="HuggingFaceFW/fineweb-edu", subset="sample-10BT", max_documents=10)
     with pytest.raises(DataError, match=r"could not open 'HuggingFaceFW/fineweb-edu' \(sample-10BT\).*data=local"):
         prepare_data(cfg, 512, 1024, 64)
     cfg = cfg_of(tmp_path, name="shakespeare", tokenizer={"pretrained": "gpt2"})
@@ -204,7 +205,7 @@ def test_resolve_vocab_size_for_a_trained_bpe():
 
 
 @pytest.mark.parametrize("overrides, key, needle", [
-    (["data.name=HuggingFaceFW/fineweb-edu"], "data.name", "data=hf data.dataset=HuggingFaceFW/fineweb-edu"),
+    (["data.name=HuggingFaceFW/fineweb-edu"], "data.name", "data=hf data.name=HuggingFaceFW/fineweb-edu"),
     (["data.verify=sometimes"], "data.verify", "auto, full, size"),
     (["data.max_documents=0"], "data.max_documents", "> 0"),
     (["data.shard_tokens=-1"], "data.shard_tokens", "> 0"),
@@ -212,7 +213,7 @@ def test_resolve_vocab_size_for_a_trained_bpe():
     (["data.tokenizer.path=/a/tokenizer.json", "data.tokenizer.pretrained=gpt2"], "data.tokenizer.path", "not both"),
     (["data.tokenizer.path=/no/tokenizer.json"], "data.tokenizer.path", "does not exist"),
     (["data.tokenizer.pretrained=gpt2", "data.tokenizer.vocab_size=512"], "data.tokenizer.vocab_size", "its own"),
-    (["data=hf", "data.dataset=null"], "data.dataset", "needs a dataset"),
+    (["data=hf", "data.name=hf"], "data.name", "needs a dataset"),
 ])
 def test_data_keys_are_checked_before_any_compute(overrides, key, needle):
     with pytest.raises(ConfigError) as info:
