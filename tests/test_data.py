@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -356,6 +357,36 @@ def test_validation_shares_of_ranks_cover_the_set_once():
             weights += w.tolist()
     kept = sorted(s for s, w in zip(starts, weights) if w == 1.0)
     assert kept == list(range(0, 90, 10)) and weights.count(0.0) == 1
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_text_file_over_one_block_is_streamed_into_pseudo_documents(tmp_path, monkeypatch, gzipped):
+    """Files are read in blocks cut at whitespace and never inside a UTF-8 sequence: nothing is lost, reordered or
+    garbled, bad bytes are counted exactly, and a file smaller than a block stays one document."""
+    monkeypatch.setattr(readers, "TEXT_BLOCK_BYTES", 256)
+    raw = "\n\n".join(f"paragraph {i}: ünïcødé wörds — ok " * 3 for i in range(60)).encode()
+    raw = raw.replace(b"paragraph 7:", b"paragraph 7:\xff\xfe", 1) + b" " + "é".encode() * 400  # 800 bytes, no space
+    big = tmp_path / ("big.txt.gz" if gzipped else "big.txt")
+    big.write_bytes(gzip.compress(raw) if gzipped else raw)
+    (tmp_path / "small.txt").write_text("a short document\n")
+    replaced = {}
+    docs = list(readers._file_documents([(big, readers.TEXT), (tmp_path / "small.txt", readers.TEXT)], tmp_path,
+                                        "text", replaced))
+    assert docs[-1] == "a short document"
+    assert len(docs) > 5  # the big file is cut, block by block
+    assert replaced == {big.name: 2}
+    no_space = "".join  # pieces are cut at whitespace (inside a run without any, at a character boundary)
+    assert no_space("".join(docs[:-1]).split()) == no_space(raw.decode("utf-8", errors="replace").split())
+    assert "".join(docs).count("\ufffd") == 2
+
+
+@pytest.mark.parametrize("char", ["é", "—", "😀"])
+def test_blocks_without_whitespace_are_never_cut_inside_a_character(char):
+    for tail in range(len(char.encode())):  # the buffer ends with a complete character, or inside one
+        buf = char.encode() * 50 + char.encode()[:tail]
+        cut = readers._block_end(buf)
+        assert cut == len(char.encode()) * 50
+        buf[:cut].decode("utf-8")  # strict: raises if a character was cut
 
 
 def test_pseudo_documents_keep_text_order():

@@ -24,6 +24,9 @@ from ..errors import DataError, UserError
 # A corpus of a single text file is cut into pseudo-documents of about this many characters, at
 # blank lines, so that whole pieces of it can be held out for validation.
 PSEUDO_DOCUMENT_CHARS = 20_000
+# Text files are read in blocks of this size; a larger file is cut into pseudo-documents too (one
+# document of hundreds of MB would be neither a sensible validation unit nor affordable in memory).
+TEXT_BLOCK_BYTES = 64 << 20
 TEXT, JSON, PARQUET = "text", "json", "parquet"
 FORMATS = {".txt": TEXT, ".jsonl": JSON, ".json": JSON, ".parquet": PARQUET}
 
@@ -137,25 +140,68 @@ def _file_documents(files, root: Path, text_key: str, replaced: dict[str, int]) 
             yield from _records(paths, fmt, text_key)
             continue
         for path in paths:
-            text = read_text(path, replaced, name=str(path.relative_to(root)))
-            if single_text:
-                yield from split_into_pseudo_documents(text)
-            elif text:
-                yield text
+            name, bad = str(path.relative_to(root)), [0]
+            blocks = _text_blocks(path)
+            first, second = next(blocks, b""), next(blocks, None)
+            if second is None:  # the usual case: the whole file is one block, one document
+                text = _decode(first, bad).strip()
+                if single_text:
+                    yield from split_into_pseudo_documents(text)
+                elif text:
+                    yield text
+            else:  # a file over TEXT_BLOCK_BYTES: pseudo-documents block by block, never all in memory
+                for raw in itertools.chain((first, second), blocks):
+                    yield from split_into_pseudo_documents(_decode(raw, bad).strip())
+            if bad[0]:
+                replaced[name] = bad[0]
+
+
+def _text_blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of a text file (or .gz) in blocks of about TEXT_BLOCK_BYTES, each cut after its last paragraph
+    break (else line break, else space), never inside a UTF-8 sequence, so each decodes on its own."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    carry = b""
+    with opener(path, "rb") as f:
+        chunk = f.read(TEXT_BLOCK_BYTES)
+        while chunk:
+            following = f.read(TEXT_BLOCK_BYTES)  # read ahead: the last block is never cut
+            buf = carry + chunk
+            cut = _block_end(buf) if following else len(buf)
+            if cut:
+                yield buf[:cut]
+            carry, chunk = buf[cut:], following
+
+
+def _block_end(buf: bytes) -> int:
+    for sep in (b"\n\n", b"\n", b" "):
+        at = buf.rfind(sep)
+        if at >= 0:
+            return at + len(sep)
+    start = len(buf)  # no whitespace at all: find where the last UTF-8 sequence starts; cut before it if incomplete
+    while start > max(0, len(buf) - 4) and (buf[start - 1] & 0xC0) == 0x80:
+        start -= 1
+    lead = buf[start - 1] if start > 0 else 0
+    length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 0
+    return start - 1 if length and len(buf) - (start - 1) < length else len(buf)
+
+
+def _decode(raw: bytes, bad: list[int]) -> str:
+    """UTF-8, with bytes that are not UTF-8 as U+FFFD; their count is added to bad[0]."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        bad[0] += text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")  # U+FFFD already in the file are not counted
+        return text
 
 
 def read_text(path: Path, replaced: dict[str, int] | None = None, name: str | None = None) -> str:
-    """A text file, stripped. Bytes that are not UTF-8 become U+FFFD; their count is recorded."""
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        if replaced is not None:  # U+FFFD that were in the file already are encoded as EF BF BD
-            replaced[name or str(path)] = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
-    return text.strip()
+    """A whole text file, stripped. Bytes that are not UTF-8 become U+FFFD; their count is recorded."""
+    bad = [0]
+    text = "".join(_decode(raw, bad) for raw in _text_blocks(path)).strip()
+    if bad[0] and replaced is not None:
+        replaced[name or str(path)] = bad[0]
+    return text
 
 
 def read_documents(files: list[Path]) -> list[str]:
