@@ -215,11 +215,25 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     start = time.perf_counter() - (meta or {}).get("elapsed_s", 0.0)
     initial_val_loss = (meta or {}).get("initial_val_loss")
     val_loss = (meta or {}).get("val_loss")
+    def step_samples(step: int):
+        """This rank's micro-batches of a step: contiguous shares of the step's samples, the same for any world size."""
+        for micro in range(plan.grad_accum):
+            first = step * plan.batch_size + (env.rank * plan.grad_accum + micro) * plan.micro_batch_size
+            x, y = train_batches.samples(first, plan.micro_batch_size)
+            yield micro, x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+
     if cfg.train.eval_at_start and not meta:
         initial_val_loss, mix = evaluate(model, val_batches, env, autocast)
         val_loss = initial_val_loss
-        loggers.log({"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed_s": time.perf_counter() - start,
-                     **({"mix": mix} if mix else {})})
+        model.eval()  # measured, not trained on: MoE load statistics and balance losses stay untouched
+        with torch.no_grad(), autocast:
+            first_loss = torch.stack([model(x, y) for _, x, y in step_samples(0)]).mean()
+        model.train()
+        # The row before training, as nanoGPT's iter 0: the losses of the untrained model on the first step's
+        # samples and on the validation set; no step has run, so there is no throughput or gradient norm.
+        loggers.log({"step": 0, "tokens": 0, "lr": cfg.optim.lr * lr_multiplier(cfg.schedule, 0, plan.steps),
+                     "train_loss": mean_across_ranks(first_loss).item(), "grad_norm": None, "tokens_per_s": None,
+                     "val_loss": val_loss, "elapsed_s": time.perf_counter() - start, **({"mix": mix} if mix else {})})
 
     def save_checkpoint(step: int) -> None:
         saved = time.perf_counter()
@@ -239,12 +253,10 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
             set_lr(optimizer, lr_scale)
             step_start = time.perf_counter()
             loss_sum = torch.zeros((), device=env.device)
-            for micro in range(plan.grad_accum):
-                first = step * plan.batch_size + (env.rank * plan.grad_accum + micro) * plan.micro_batch_size
-                x, y = train_batches.samples(first, plan.micro_batch_size)
+            for micro, x, y in step_samples(step):
                 with gradient_sync(model, enabled=micro == plan.grad_accum - 1):
                     with autocast:
-                        loss = model(x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True))
+                        loss = model(x, y)
                     (loss / plan.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(model, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 else None

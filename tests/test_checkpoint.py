@@ -38,7 +38,7 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> Non
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r}
+    return {r["step"]: r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 0}
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.Com
 
 def _losses(run_dir: Path) -> tuple[list[float], list[float]]:
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
+    return [r["train_loss"] for r in rows if r["step"] > 0], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
 # The processes sum gradients in another order, so float32 results may differ in the last digits.

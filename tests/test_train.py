@@ -25,7 +25,7 @@ def test_tiny_swiglu_60_steps_val_loss_falls(tmp_path):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if r["step"] > 0]
     assert [r["step"] for r in train_rows] == list(range(1, 61))
-    for row in train_rows:
+    for row in rows:
         assert ROW_KEYS <= row.keys()
         assert row["tokens"] == row["step"] * 16 * 256
     evals = [r for r in rows if "val_loss" in r]
@@ -40,6 +40,26 @@ def test_tiny_swiglu_60_steps_val_loss_falls(tmp_path):
     assert max(r["lr"] for r in train_rows) == pytest.approx(1e-3)
     assert train_rows[-1]["lr"] == pytest.approx(1e-4)
     assert (run_dir / "train.log").exists()
+
+
+def test_step_zero_row_measures_the_untrained_model_without_disturbing_training(tmp_path):
+    """Step 0 holds the untrained model's train loss (first step's samples) and val loss; measuring them changes
+    nothing that follows, MoE load balancing included (tiny_moe balances with per-expert biases)."""
+    rows = {}
+    for at_start in ("true", "false"):
+        run_dir = tmp_path / at_start
+        result = run_cli("model=tiny_moe", "ffn=swiglu", "train.max_steps=3", "train.batch_size=4",
+                         "train.eval_tokens=1024", "train.eval_every=3", f"train.eval_at_start={at_start}",
+                         f"hydra.run.dir={run_dir}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[at_start] = read_jsonl(run_dir / "metrics.jsonl")
+    first = rows["true"][0]
+    assert first["step"] == 0 and first["tokens"] == 0
+    assert first["tokens_per_s"] is None and first["grad_norm"] is None
+    assert abs(first["train_loss"] - first["val_loss"]) < 0.1  # both near ln(vocabulary) before training
+    assert first["lr"] == pytest.approx(rows["true"][1]["lr"])  # the first step's learning rate
+    assert [r["train_loss"] for r in rows["true"][1:]] == [r["train_loss"] for r in rows["false"]]
+    assert rows["true"][-1]["expert_load"] == rows["false"][-1]["expert_load"]  # counts of training steps only
 
 
 def test_wandb_logger_runs_offline_and_metrics_still_written(tmp_path):
