@@ -39,10 +39,10 @@ lint: install
 STUDY_DIR ?= docs/results/cpu_study
 study: install
 	@start=$$(date +%s); \
-	$(VENV)/bin/moa-train sweep=cpu_study hydra.sweep.dir=$(STUDY_DIR)/runs && \
+	$(VENV)/bin/moa-train sweep=cpu_study hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
 	$(VENV)/bin/moa-report $(STUDY_DIR)/runs --out $(STUDY_DIR) && \
 	echo "make study: $$(( $$(date +%s) - start )) s on $$(nproc) cores, $$(date -u +%Y-%m-%dT%H:%MZ)" \
-		| tee $(STUDY_DIR)/wall_time.txt
+		| tee $(STUDY_DIR)/wall_time.txt && exit $$status
 
 # Debian's python3.11-doc as an offline corpus for data=pydocs (~11 MB of .rst.txt), unpacked, never
 # installed (apt-get install would upgrade system Python packages).

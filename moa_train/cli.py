@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the schemas in the ConfigStore)
 from .distributed import launched_ranks
@@ -27,30 +27,51 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    rank, world_size, _ = launched_ranks()
+    # A sweep run in this process (the basic launcher, one rank) records a failed run and goes on;
+    # elsewhere a failure must end the process non-zero: the launcher (submitit) reports it, and
+    # torchrun tears down the other ranks instead of leaving them waiting at a collective.
+    goes_on = in_sweep and world_size == 1 and hydra_cfg.launcher._target_.endswith("BasicLauncher")
     try:
         summary = run(cfg, run_dir)
-    except UserError as exc:
-        rank, world_size, _ = launched_ranks()
-        where = f" (rank {rank})" if world_size > 1 else ""
-        print(f"moa-train: error{where}: {exc}", file=sys.stderr)
-        if not in_sweep:
-            sys.exit(2)
-        # one bad run of a sweep is recorded (moa-report lists it) and the sweep goes on
-        _record_failure(run_dir, exc)
-        return None
     except Exception as exc:
-        if in_sweep:  # Hydra finishes the other runs, then reports this one
-            _record_failure(run_dir, exc)
-        raise
+        if in_sweep:
+            _record_failure(run_dir, cfg, exc)
+        if isinstance(exc, UserError):
+            where = f" (rank {rank})" if world_size > 1 else ""
+            print(f"moa-train: error{where}: {exc}", file=sys.stderr)
+            if not goes_on:
+                sys.exit(2)
+        elif goes_on:
+            logging.getLogger("moa_train").exception("run %s failed; the sweep goes on", run_dir)
+        else:
+            raise
+        return None
     return summary.get("val_loss")  # the objective Hydra sweepers minimise
 
 
-def _record_failure(run_dir: Path, exc: Exception) -> None:
+def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
+    """summary.json with status failed (moa-report lists it), unless the run had already completed."""
     FAILED_SWEEP_RUNS.append(str(run_dir))
-    if launched_ranks()[0] == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(
-            {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None}, indent=2))
+    path = run_dir / "summary.json"
+    if launched_ranks()[0] != 0 or (_read_status(path) == "completed"):
+        return
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an invalid config is what failed: keep it unresolved
+        config = OmegaConf.to_container(cfg, resolve=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".summary.json-{os.getpid()}")
+    tmp.write_text(json.dumps({"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None,
+                               "config": config}, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def main() -> None:

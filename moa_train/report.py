@@ -2,7 +2,9 @@
 
 Runs (single runs or Hydra multirun sweeps, found recursively by their summary.json, metrics.jsonl
 or .hydra/config.yaml) are grouped by what must be equal for a fair comparison: model size, token
-budget, optimizer and schedule. Within a group each variant's learning rate is tuned: the best LR
+budget, optimizer, schedule, and every other setting that changes the numbers (data, sequence
+length, batch, optimizer settings other than the LR...); groups of the same name are told apart by
+the keys in which they differ. Within a group each variant's learning rate is tuned: the best LR
 is the one whose terminal validation loss, averaged over seeds, is lowest. The report gives each
 variant's terminal loss at its best LR, the spread over seeds, and the relative loss against the
 group's baseline (swiglu for Type-II variants, relu2 for Type-I), `(L - L_base) / L_base`, and says
@@ -16,6 +18,7 @@ LR, terminal loss against LR, and terminal loss against parameters across model 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -40,6 +43,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens, val_loss)
     reason: str = ""
+    mtime: float = 0.0  # of summary.json: of two runs of the same point, the newer one counts
 
     @property
     def val_loss(self) -> float | None:
@@ -66,11 +70,45 @@ class Run:
         return self.ffn + (f"[{','.join(changed)}]" if changed else "")
 
     @property
-    def group(self) -> tuple[str, str, str, str]:
+    def label(self) -> tuple[str, str, str, str]:
+        """The group's name: model, token budget, optimizer, schedule."""
         train, budget = self.config["train"], self.config["budget"]
         tokens = f"{train['max_steps']} steps" if train.get("max_steps") else \
             f"{_short(budget['tokens_per_param'])} tokens/param"
         return (self.config["model"]["name"], tokens, self.config["optim"]["name"], self.config["schedule"]["name"])
+
+    @property
+    def setting(self) -> dict[str, object]:
+        """Every config key that must be equal for two runs to be compared (dotted keys)."""
+        flat = _flatten(self.config)
+        return {k: v for k, v in flat.items() if not k.startswith(NOT_COMPARED_PREFIXES) and k not in NOT_COMPARED}
+
+    @property
+    def group(self) -> tuple:
+        return (*self.label, json.dumps(self.setting, sort_keys=True, default=str))
+
+
+# Keys that may differ inside a comparison: what is compared (the FFN variant, its learning rate, the
+# seed) and what does not change the numbers (logging, checkpointing, placement, local paths).
+NOT_COMPARED_PREFIXES = ("ffn.", "logger.", "dist.", "hydra.", "sweep.")
+NOT_COMPARED = {
+    "optim.lr", "train.seed", "dry_run", "train.eval_every", "train.log_every", "train.progress", "train.ckpt_every",
+    "train.ckpt_at_end", "train.keep_checkpoints", "train.resume", "train.compile", "train.peak_tflops",
+    "train.device", "train.micro_batch_size", "data.cache_dir", "data.verify",
+}
+
+
+# A model preset may also set its training shape: sizes compared across (scaling plots) may differ there.
+SIZE_KEYS = ("train.seq_len", "train.batch_size")
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, object]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def _short(value) -> str:
@@ -103,7 +141,7 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
         for marker in markers:
             for path in root.rglob(marker):
                 run = path.parent.parent if marker.startswith(".hydra") else path.parent
-                if "checkpoints" not in run.parts:
+                if "checkpoints" not in run.relative_to(root).parts:  # a checkpoint's files are not a run
                     found.add(run)
     return sorted(found)
 
@@ -119,15 +157,26 @@ def read_run(path: Path) -> Run | None:
     curve = []
     if (path / "metrics.jsonl").is_file():
         for line in (path / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if row.get("val_loss") is not None:
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except ValueError:  # a line cut short by a killed or still running run
+                continue
+            if isinstance(row, dict) and row.get("val_loss") is not None:
                 curve.append((row.get("tokens", 0), row["val_loss"]))
     if summary is None:
         return Run(path, "unfinished", config, {}, curve, reason="no summary.json (running, killed or crashed)")
     status = summary.get("status", "completed")
+    if status == "completed" and not _finite(summary.get("val_loss")):
+        status = "diverged"  # finished, but its terminal loss is not a number
     reason = summary.get("error", "") or {"diverged": "loss became non-finite",
                                           "preempted": "stopped by a signal before the end"}.get(status, "")
-    return Run(path, status, config, summary, curve, reason)
+    run = Run(path, status, config, summary, curve, reason)
+    run.mtime = (path / "summary.json").stat().st_mtime
+    return run
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -152,8 +201,9 @@ class VariantResult:
     params: dict
     tokens: int
     lr_at_edge: bool = False
+    diverged: dict[float, int] = field(default_factory=dict)  # learning rate -> seeds that diverged there
     relative: float | None = None
-    separated: bool | None = None  # seed ranges of the variant and its baseline do not overlap
+    separated: bool | None = None  # seed ranges of the variant and its baseline do not overlap (2+ seeds each)
 
     @property
     def mean(self) -> float:
@@ -165,7 +215,12 @@ class VariantResult:
 
 
 def compare(runs: list[Run]) -> dict[tuple, dict[str, VariantResult]]:
-    """Per group, per variant: the best learning rate by mean terminal loss over seeds."""
+    """Per group, per variant: the best learning rate by mean terminal loss over seeds.
+
+    A learning rate at which any seed diverged is never the best (one lucky seed must not pick an unstable
+    rate), but it bounds the grid. Of two runs of the same variant, LR and seed in a group, the newer
+    counts; the other is marked `duplicate` and listed with the runs not compared.
+    """
     grouped: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if run.config:
@@ -174,29 +229,65 @@ def compare(runs: list[Run]) -> dict[tuple, dict[str, VariantResult]]:
     for group, variants in grouped.items():
         table = {}
         for variant, members in variants.items():
+            members = _drop_duplicates(members)
             by_lr: dict[float, list[float]] = defaultdict(list)
+            diverged: dict[float, int] = defaultdict(int)
             for run in members:
-                if run.val_loss is not None and math.isfinite(run.val_loss):
+                if run.status == "completed":
                     by_lr[run.lr].append(run.val_loss)
-            if not by_lr:
+                elif run.status == "diverged":
+                    diverged[run.lr] += 1
+            stable = [lr for lr in by_lr if lr not in diverged]
+            if not stable:
                 continue
-            best_lr = min(by_lr, key=lambda lr: statistics.fmean(by_lr[lr]))
-            best_runs = [r for r in members if r.lr == best_lr and r.val_loss is not None]
-            lrs = sorted(by_lr)
+            best_lr = min(stable, key=lambda lr: statistics.fmean(by_lr[lr]))
+            best_runs = [r for r in members if r.lr == best_lr and r.status == "completed"]
+            tried = sorted(set(by_lr) | set(diverged))
             table[variant] = VariantResult(
                 variant, members[0].ffn, FFN_REGISTRY[members[0].ffn].baseline if members[0].ffn in FFN_REGISTRY
                 else members[0].ffn, dict(by_lr), best_lr, by_lr[best_lr], best_runs,
                 best_runs[0].summary.get("params", {}), best_runs[0].summary.get("tokens", 0),
-                lr_at_edge=len(lrs) > 1 and best_lr in (lrs[0], lrs[-1]))
+                lr_at_edge=len(tried) > 1 and best_lr in (tried[0], tried[-1]), diverged=dict(diverged))
         for result in table.values():
             base = table.get(result.baseline)
-            if base is not None:
-                result.relative = (result.mean - base.mean) / base.mean
+            if base is None:
+                continue
+            result.relative = (result.mean - base.mean) / base.mean
+            if result is not base and len(result.losses) > 1 and len(base.losses) > 1:
                 result.separated = max(result.losses) < min(base.losses) or min(result.losses) > max(base.losses)
         results[group] = dict(sorted(table.items(), key=lambda kv: (FFN_REGISTRY.get(kv[1].ffn) is None,
                                                                      kv[1].baseline, kv[0] != kv[1].baseline,
                                                                      kv[0])))
     return dict(sorted(results.items()))
+
+
+def _drop_duplicates(members: list[Run]) -> list[Run]:
+    """Of the runs that count (completed or diverged) at one LR and seed, the newest; the others become `duplicate`."""
+    newest: dict[tuple[float, int], Run] = {}
+    counted = [r for r in members if r.status in ("completed", "diverged")]
+    for run in sorted(counted, key=lambda r: (r.mtime, str(r.path))):
+        key = (run.lr, run.seed)
+        if key in newest and newest[key].status != "duplicate":
+            older = newest[key]
+            older.status, older.reason = "duplicate", f"the same variant, LR and seed as {run.path} (newer)"
+        newest[key] = run
+    return [r for r in members if r.status != "duplicate"]
+
+
+def group_names(groups) -> dict[tuple, tuple[str, str]]:
+    """Per group: the keys that tell it apart from groups of the same label ('' if none), and a file-name slug."""
+    names = {}
+    by_label = defaultdict(list)
+    for group in groups:
+        by_label[group[:4]].append(group)
+    for label, same in by_label.items():
+        settings = [json.loads(g[4]) for g in same]
+        differing = sorted({k for a in settings for b in settings for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+        for group, setting in zip(same, settings):
+            extra = ", ".join(f"{k}={_short(setting.get(k))}" for k in differing)
+            slug = _slug(label) + (f"_{hashlib.sha1(group[4].encode()).hexdigest()[:6]}" if extra else "")
+            names[group] = (extra, slug)
+    return names
 
 
 # ----------------------------------------------------------------------------- plots
@@ -230,7 +321,8 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # runs without a curve (metrics.jsonl lost) draw nothing
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     _plt().close(fig)
@@ -251,7 +343,7 @@ def _slug(group: tuple) -> str:
     return "_".join(str(p) for p in group).replace(" ", "").replace("/", "-")
 
 
-def plot_curves(group: tuple, table: dict[str, VariantResult], out: Path) -> Path:
+def plot_curves(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, result in table.items():
@@ -267,12 +359,12 @@ def plot_curves(group: tuple, table: dict[str, VariantResult], out: Path) -> Pat
     finals = [r.mean for r in table.values()]
     if finals:  # the interesting part is the end: clip the first steps' high losses
         ax.set_ylim(min(finals) - 0.1 * (max(finals) - min(finals) + 0.1), max(finals) + 1.0)
-    return _save(fig, ax, out / f"curves_{_slug(group)}.png", "training tokens", "validation loss",
-                 f"{group[0]}, {group[1]}: validation loss at each variant's best LR\n"
+    return _save(fig, ax, out / f"curves_{slug}.png", "training tokens", "validation loss",
+                 f"{title}: validation loss at each variant's best LR\n"
                  f"(mean over seeds; faint: single seeds; y axis clipped to the final losses + 1)")
 
 
-def plot_lr(group: tuple, table: dict[str, VariantResult], out: Path) -> Path:
+def plot_lr(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, result in table.items():
@@ -282,18 +374,20 @@ def plot_lr(group: tuple, table: dict[str, VariantResult], out: Path) -> Path:
         high = [max(result.by_lr[lr]) - m for m, lr in zip(means, lrs)]
         ax.errorbar(lrs, means, yerr=[low, high], marker="o", capsize=3, label=variant, color=_color(variant))
     ax.set_xscale("log")
-    return _save(fig, ax, out / f"lr_{_slug(group)}.png", "peak learning rate", "terminal validation loss",
-                 f"{group[0]}, {group[1]}: terminal loss against learning rate\n(mean over seeds; bars: min to max)")
+    return _save(fig, ax, out / f"lr_{slug}.png", "peak learning rate", "terminal validation loss",
+                 f"{title}: terminal loss against learning rate\n(mean over seeds; bars: min to max)")
 
 
 def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> list[Path]:
     """Terminal loss against total parameters, one plot per (budget, optimizer, schedule) with several sizes."""
     by_setting: dict[tuple, list[tuple[tuple, dict]]] = defaultdict(list)
     for group, table in results.items():
-        by_setting[group[1:]].append((group, table))
+        others = {k: v for k, v in json.loads(group[4]).items() if not k.startswith("model.") and k not in SIZE_KEYS}
+        by_setting[(*group[1:4], json.dumps(others, sort_keys=True))].append((group, table))
     paths = []
     plt = _plt()
-    for setting, groups in by_setting.items():
+    for key, groups in by_setting.items():
+        setting = key[:3]
         if len({g[0] for g, _ in groups}) < 2:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -313,7 +407,9 @@ def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> l
         ax.set_xticks([n for n, _ in sizes], [f"{model}\n{_count(n)}" for n, model in sizes])
         y_ticks = [round(v, 3) for v in _geomspace(min(losses), max(losses), 5)]
         ax.set_yticks(y_ticks, [f"{v:g}" for v in y_ticks])
-        paths.append(_save(fig, ax, out / f"scaling_{_slug(setting)}.png", "parameters (total)",
+        slug = _slug(setting) + (f"_{hashlib.sha1(key[3].encode()).hexdigest()[:6]}" if len(by_setting) > 1 and
+                                 len({k[:3] for k in by_setting}) < len(by_setting) else "")
+        paths.append(_save(fig, ax, out / f"scaling_{slug}.png", "parameters (total)",
                            "terminal validation loss (best LR)",
                            f"Terminal loss against model size ({', '.join(setting)})\n(mean over seeds; bars: std)"))
     return paths
@@ -330,45 +426,64 @@ def _fmt_rel(result: VariantResult) -> str:
     return f"{100 * result.relative:+.2f}%"
 
 
+def _lr_cell(result: VariantResult, lr: float) -> str:
+    cells = []
+    if lr in result.by_lr:
+        cells.append(f"{statistics.fmean(result.by_lr[lr]):.4f}")
+    if lr in result.diverged:
+        cells.append(f"*diverged {result.diverged[lr]}*")
+    return " ".join(cells) or "-"
+
+
+def _cell(text: str) -> str:
+    """Text that keeps a Markdown table row whole."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = compare(runs)
     lines = ["# moa-train report", "",
              f"Runs read from {', '.join(f'`{s}`' for s in sources)}: {len(runs)} "
              f"({sum(r.status == 'completed' for r in runs)} completed).", "",
-             "Per group (model, token budget, optimizer, schedule) each variant's learning rate is tuned: "
+             "Per group (model, token budget, optimizer, schedule, and equal in every other setting but the "
+             "FFN, the LR and the seed) each variant's learning rate is tuned: "
              "*best LR* has the lowest terminal validation loss averaged over seeds. *Relative* is "
              "`(L - L_base) / L_base` against the group's baseline (swiglu for Type-II variants, relu2 for "
              "Type-I). *Beyond seeds* says whether the seed ranges of the variant and its baseline at their "
              "best LRs do not overlap (with one seed per point this cannot be judged). A best LR at the edge "
              "of the grid is marked ⚠: the grid may not contain the optimum.", ""]
     report = {"groups": [], "problems": []}
+    names = group_names(results)
     for group, table in results.items():
-        model, budget, optim, schedule = group
-        lines += [f"## {model}, {budget}, {optim}, {schedule}", "",
+        model, budget, optim, schedule = group[:4]
+        extra, slug = names[group]
+        lines += [f"## {model}, {budget}, {optim}, {schedule}" + (f" ({extra})" if extra else ""), "",
                   "| variant | best LR | terminal loss | seeds | range | relative | beyond seeds | params | "
                   "ffn extra | tokens |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for variant, r in table.items():
-            beyond = "-" if r.separated is None or r.variant == r.baseline or len(r.losses) < 2 else \
-                ("yes" if r.separated else "no")
+            beyond = "-" if r.separated is None else ("yes" if r.separated else "no")
             lines.append(f"| {variant} | {r.best_lr:g}{' ⚠' if r.lr_at_edge else ''} | {r.mean:.4f} ± {r.std:.4f} | "
                          f"{len(r.losses)} | {min(r.losses):.4f}-{max(r.losses):.4f} | {_fmt_rel(r)} | {beyond} | "
                          f"{r.params.get('total', 0):,} | {r.params.get('ffn_extra', 0):,} | {r.tokens:,} |")
-        lrs = sorted({lr for r in table.values() for lr in r.by_lr})
-        lines += ["", "Terminal loss by learning rate (mean over seeds):", "",
+        lrs = sorted({lr for r in table.values() for lr in (*r.by_lr, *r.diverged)})
+        lines += ["", "Terminal loss by learning rate (mean over seeds; *diverged k*: k seeds diverged there, "
+                  "so that rate is not chosen):", "",
                   "| variant | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
         for variant, r in table.items():
-            cells = [f"{statistics.fmean(r.by_lr[lr]):.4f}" if lr in r.by_lr else "-" for lr in lrs]
-            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-        curves, lr_plot = plot_curves(group, table, out), plot_lr(group, table, out)
+            lines.append(f"| {variant} | " + " | ".join(_lr_cell(r, lr) for lr in lrs) + " |")
+        title = f"{model}, {budget}" + (f" ({extra})" if extra else "")
+        curves, lr_plot = plot_curves(title, slug, table, out), plot_lr(title, slug, table, out)
         lines += ["", f"![validation loss against tokens]({curves.name})", "", f"![terminal loss against LR]"
                   f"({lr_plot.name})", ""]
         report["groups"].append({"model": model, "budget": budget, "optim": optim, "schedule": schedule,
+                                 "distinguished_by": extra,
                                  "variants": [{"variant": v, "ffn": r.ffn, "baseline": r.baseline,
                                                "best_lr": r.best_lr, "lr_at_edge": r.lr_at_edge,
                                                "terminal_loss": r.mean, "std": r.std, "losses": r.losses,
                                                "relative": r.relative, "beyond_seeds": r.separated,
                                                "by_lr": {str(k): v2 for k, v2 in r.by_lr.items()},
+                                               "diverged_by_lr": {str(k): n for k, n in r.diverged.items()},
                                                "params": r.params, "tokens": r.tokens} for v, r in table.items()],
                                  "plots": [curves.name, lr_plot.name]})
     scaling = plot_scaling(results, out)
@@ -381,7 +496,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
     if problems:
         lines += ["| run | status | reason |", "|---|---|---|"]
         for r in problems:
-            lines.append(f"| `{r.path}` | {r.status} | {r.reason} |")
+            lines.append(f"| `{r.path}` | {r.status} | {_cell(r.reason)} |")
             report["problems"].append({"path": str(r.path), "status": r.status, "reason": r.reason})
     else:
         lines.append("None: every run completed.")

@@ -147,9 +147,11 @@ def test_a_file_modified_just_before_hashing_is_hashed_again(tmp_path, monkeypat
     fingerprint_files([corpus / "fresh.txt"], corpus, memo)
     fingerprint_files([corpus / "fresh.txt"], corpus, memo)
     assert reads == ["fresh.txt", "fresh.txt"]
-    memo.write_text("{not json")  # a damaged memo costs a re-hash, never an error
     _age(corpus / "fresh.txt", 60)
-    assert fingerprint_files([corpus / "fresh.txt"], corpus, memo) == fingerprint_files([corpus / "fresh.txt"], corpus)
+    for damaged in ("{not json", "[]"):  # a damaged memo costs a re-hash, never an error
+        memo.write_text(damaged)
+        assert fingerprint_files([corpus / "fresh.txt"], corpus, memo) == \
+            fingerprint_files([corpus / "fresh.txt"], corpus)
 
 
 def test_single_file_is_cut_into_pseudo_documents(tmp_path):

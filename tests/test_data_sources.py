@@ -206,6 +206,7 @@ def test_resolve_vocab_size_for_a_trained_bpe():
 
 @pytest.mark.parametrize("overrides, key, needle", [
     (["data.name=HuggingFaceFW/fineweb-edu"], "data.name", "data=hf data.name=HuggingFaceFW/fineweb-edu"),
+    (["data.source=local", "data.path=x.txt"], "data.name", "data=local, which sets both keys."),
     (["data.verify=sometimes"], "data.verify", "auto, full, size"),
     (["data.max_documents=0"], "data.max_documents", "> 0"),
     (["data.shard_tokens=-1"], "data.shard_tokens", "> 0"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from moa_train.report import Run, compare
+from moa_train.report import Run, compare, find_run_dirs, group_names, read_run, write_report
 
 
 def _summaries(sweep: Path) -> dict[str, list[float]]:
@@ -63,11 +63,40 @@ def test_sweep_then_report(tmp_path):
         assert (out / name).stat().st_size > 10_000  # a real figure, not an empty canvas
 
 
-def _run(ffn, lr, seed, loss, model="m", params=100, status="completed"):
+def test_a_failed_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path):
+    sweep, out = tmp_path / "sweep", tmp_path / "report"
+    result = run_cli("-m", "model=tiny", "optim.lr=-1,1e-3", "train.max_steps=2", "train.batch_size=4",
+                     "train.seq_len=64", "train.eval_tokens=1024", "train.progress=false", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 2  # the sweep finished, and says that a run failed
+    assert "1 run(s) of the sweep failed" in result.stderr and "Traceback" not in result.stderr
+    bad_dir, good_dir = sorted(p for p in sweep.iterdir() if p.is_dir())  # 0_...optim.lr=-1..., 1_...
+    bad, good = (json.loads((d / "summary.json").read_text()) for d in (bad_dir, good_dir))
+    assert bad["status"] == "failed" and "optim.lr" in bad["error"] and bad["config"]["optim"]["lr"] == -1
+    assert good["status"] == "completed"
+    report = write_report([read_run(p) for p in find_run_dirs([sweep])], out, [sweep])
+    assert [(p["path"], p["status"]) for p in report["problems"]] == [(str(bad_dir), "failed")]
+
+
+def test_a_failure_after_completion_does_not_overwrite_the_summary(tmp_path):
+    from omegaconf import OmegaConf
+
+    from moa_train.cli import _record_failure
+
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed", "val_loss": 3.0}))
+    _record_failure(tmp_path, OmegaConf.create({"optim": {"lr": 1e-3}}), RuntimeError("wandb.finish failed"))
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    (tmp_path / "summary.json").unlink()
+    _record_failure(tmp_path, OmegaConf.create({"optim": {"lr": 1e-3}}), RuntimeError("boom"))
+    failed = json.loads((tmp_path / "summary.json").read_text())
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: boom" and failed["config"]["optim"]
+
+
+def _run(ffn, lr, seed, loss, model="m", params=100, status="completed", corpus="shakespeare", mtime=0.0):
     config = {"ffn": {"name": ffn}, "optim": {"lr": lr, "name": "adamw"}, "train": {"seed": seed, "max_steps": None},
-              "budget": {"tokens_per_param": 20}, "model": {"name": model}, "schedule": {"name": "cosine"}}
+              "budget": {"tokens_per_param": 20}, "model": {"name": model}, "schedule": {"name": "cosine"},
+              "data": {"name": corpus}}
     summary = {"status": status, "val_loss": loss, "params": {"total": params}, "tokens": 2000}
-    return Run(Path(f"/runs/{ffn}-{lr}-{seed}"), status, config, summary)
+    return Run(Path(f"/runs/{ffn}-{lr}-{seed}-{mtime}"), status, config, summary, mtime=mtime)
 
 
 def test_best_lr_is_chosen_on_the_seed_mean_and_spread_is_judged():
@@ -82,7 +111,9 @@ def test_best_lr_is_chosen_on_the_seed_mean_and_spread_is_judged():
     [table] = compare(runs).values()
     swiglu, qd = table["swiglu"], table["qd_moa"]
     assert swiglu.best_lr == 1e-3 and swiglu.mean == pytest.approx(3.01)
-    assert qd.best_lr == 2e-3 and qd.losses == [2.90, 2.92] and qd.lr_at_edge  # 4e-3 diverged: not in the grid
+    # 4e-3 diverged: never the best, but it bounds the grid from above, so 2e-3 is not at its edge
+    assert qd.best_lr == 2e-3 and qd.losses == [2.90, 2.92] and not qd.lr_at_edge and qd.diverged == {4e-3: 1}
+    assert swiglu.lr_at_edge  # best at the lowest rate tried
     assert qd.relative == pytest.approx((2.91 - 3.01) / 3.01)
     assert qd.separated is True  # [2.90, 2.92] lies below [3.00, 3.02]
     assert table["moa1"].baseline == "relu2" and table["moa1"].relative == pytest.approx(-0.1 / 3.2)
@@ -100,6 +131,53 @@ def test_groups_keep_sizes_and_budgets_apart():
     runs = [_run("swiglu", 1e-3, 0, 3.0, model="small"), _run("swiglu", 1e-3, 0, 2.5, model="large")]
     groups = compare(runs)
     assert sorted(g[0] for g in groups) == ["large", "small"]
+
+
+def test_runs_on_other_data_are_another_group_named_by_the_difference():
+    runs = [_run("swiglu", 1e-3, s, 3.0 + s / 100) for s in (0, 1)] + \
+           [_run("swiglu", 1e-3, s, 2.0 + s / 100, corpus="pydocs") for s in (0, 1)]
+    results = compare(runs)
+    assert len(results) == 2 and all(len(t["swiglu"].losses) == 2 for t in results.values())  # not 4 "seeds"
+    names = group_names(results)
+    assert sorted(extra for extra, _ in names.values()) == ["data.name=pydocs", "data.name=shakespeare"]
+    assert len({slug for _, slug in names.values()}) == 2  # plots do not overwrite each other
+
+
+def test_a_lucky_seed_does_not_pick_an_unstable_learning_rate():
+    runs = [_run("swiglu", 1e-3, s, 3.12) for s in (0, 1)] + [
+        _run("swiglu", 3e-3, 0, float("nan"), status="diverged"), _run("swiglu", 3e-3, 1, 3.10)]
+    [table] = compare(runs).values()
+    assert table["swiglu"].best_lr == 1e-3 and table["swiglu"].diverged == {3e-3: 1}
+
+
+def test_spread_is_not_judged_against_a_single_baseline_seed():
+    runs = [_run("swiglu", 1e-3, 0, 3.0)] + [_run("qd_moa", 1e-3, s, 2.9 + s / 100) for s in (0, 1)]
+    [table] = compare(runs).values()
+    assert table["qd_moa"].relative < 0 and table["qd_moa"].separated is None
+    assert table["swiglu"].separated is None  # the baseline is never compared with itself
+
+
+def test_the_newer_of_two_runs_of_one_point_counts_and_the_other_is_listed(tmp_path):
+    old, new = _run("swiglu", 1e-3, 0, 3.5, mtime=1.0), _run("swiglu", 1e-3, 0, 3.0, mtime=2.0)
+    [table] = compare([new, old]).values()
+    assert table["swiglu"].losses == [3.0]
+    assert old.status == "duplicate" and str(new.path) in old.reason and new.status == "completed"
+    report = write_report([old, new], tmp_path / "out", [Path("/runs")])
+    assert report["problems"] == [{"path": str(old.path), "status": "duplicate", "reason": old.reason}]
+
+
+def test_run_discovery_tolerates_cut_lines_and_roots_named_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints" / "sweep"  # a parent directory's name must not hide the runs
+    run = root / "0_run"
+    run.mkdir(parents=True)
+    (run / "checkpoints" / "step-8").mkdir(parents=True)
+    (run / "checkpoints" / "step-8" / "summary.json").write_text("{}")  # files inside a checkpoint: not a run
+    config = _run("swiglu", 1e-3, 0, 3.0).config
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "val_loss": 3.0, "config": config}))
+    (run / "metrics.jsonl").write_text('{"step": 0, "tokens": 0, "val_loss": 8.3}\n{"step": 10, "tokens": 40, "val')
+    assert find_run_dirs([root]) == [run]
+    read = read_run(run)
+    assert read.status == "completed" and read.curve == [(0, 8.3)]
 
 
 def test_report_cli_errors(tmp_path):

@@ -38,7 +38,7 @@ from .tokenizer import EOT, _tokenizer_plan, end_of_document_id, load_tokenizer,
 
 logger = logging.getLogger("moa_train")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: .txt files over 64 MiB are cut into pseudo-documents
 ENCODE_BATCH_CHARS = 4 << 20  # text handed to the (multi-threaded) encoder at once
 FULL_VERIFY_BYTES = 4 << 30  # data.verify=auto hashes caches up to this size (xxh3: ~0.25 s/GiB from page cache)
 VERIFY_MODES = ("auto", "full", "size")

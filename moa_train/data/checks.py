@@ -14,8 +14,10 @@ def check_data_config(data_cfg, model_vocab_size: int | None) -> None:
     if source not in DATA_SOURCES:
         raise ConfigError("data.source", f"unknown value '{source}'.", ", ".join(sorted(DATA_SOURCES)))
     if source != "hf" and name != source:  # only a hub dataset is named freely
-        raise ConfigError("data.name", f"'{name}' names a corpus, which only data=hf takes (data={source} reads "
-                          f"its own). For a hub dataset: data=hf data.name={name}.", source)
+        hub = "" if name in DATA_SOURCES else f"; for a hub dataset: data=hf data.name={name}"
+        raise ConfigError("data.name", f"is '{name}' but data.source is '{source}', which reads its own corpus. "
+                          f"Choose the source with its config group, data={source}, which sets both keys{hub}.",
+                          source)
     for key in ("max_documents", "shard_tokens", "tokenizer.vocab_size", "tokenizer.train_chars"):
         value = _select(data_cfg, key)
         if value is not None and value <= 0:

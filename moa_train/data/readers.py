@@ -71,9 +71,10 @@ class FileHashMemo:
         self.path, self.entries, self.changed = path, {}, False
         if path is not None and path.is_file():
             try:
-                self.entries = json.loads(path.read_text())
+                entries = json.loads(path.read_text())
             except (OSError, ValueError):
-                self.entries = {}
+                entries = None
+            self.entries = entries if isinstance(entries, dict) else {}
 
     def hash(self, file: Path) -> str:
         st = file.stat()
