@@ -27,6 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .config import flatten, under
 from .distributed import DistEnv, barrier
 from .errors import UserError
 
@@ -95,23 +96,10 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"checkpoint '{path}': cannot read {META} ({exc}).") from None
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def config_differences(saved: dict, current: dict, only: tuple[str, ...] | None = MUST_MATCH,
                        ignore: tuple[str, ...] = ()) -> list[str]:
     """'key: saved -> current' for every differing key under `only` (None: all keys) and not under `ignore`."""
-    old, new = _flatten(saved), _flatten(current)
-
-    def under(key: str, prefixes: tuple[str, ...]) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in prefixes)
-
+    old, new = flatten(saved), flatten(current)
     keys = {k for k in old.keys() | new.keys() if (only is None or under(k, only)) and not under(k, ignore)}
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(keys)
             if old.get(k) != new.get(k)]

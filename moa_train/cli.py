@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import config as _config  # noqa: F401  (registers the schemas in the ConfigStore)
 from .distributed import launched_ranks
 from .errors import UserError
+from .metrics import read_summary, write_summary
 
 FAILED_SWEEP_RUNS: list[str] = []  # run directories of a multirun whose job failed
 
@@ -53,25 +53,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
     """summary.json with status failed (moa-report lists it), unless the run had already completed."""
     FAILED_SWEEP_RUNS.append(str(run_dir))
-    path = run_dir / "summary.json"
-    if launched_ranks()[0] != 0 or (_read_status(path) == "completed"):
+    if launched_ranks()[0] != 0 or (read_summary(run_dir) or {}).get("status") == "completed":
         return
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an invalid config is what failed: keep it unresolved
         config = OmegaConf.to_container(cfg, resolve=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".summary.json-{os.getpid()}")
-    tmp.write_text(json.dumps({"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None,
-                               "config": config}, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _read_status(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    write_summary(run_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None,
+                            "config": config})
 
 
 def main() -> None:

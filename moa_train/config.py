@@ -367,3 +367,25 @@ def expand_path(path: str) -> str:
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# Keys that do not change what a run computes: a finished run with other values is the same run
+# (train.py skips it), and runs that differ only there are compared (moa-report).
+NOT_THE_RUN = ("train.progress", "train.resume", "train.ckpt_every", "train.ckpt_at_end", "train.keep_checkpoints",
+               "train.log_every", "train.peak_tflops", "logger", "dry_run", "dist", "sweep", "hydra",
+               "data.cache_dir", "data.verify")
+
+
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {'dotted.key': value}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of `prefixes` or inside one of them."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)

@@ -1,4 +1,4 @@
-"""Metric sinks. metrics.jsonl is always written; wandb is added with logger=wandb."""
+"""Run records: metric sinks (metrics.jsonl always, wandb with logger=wandb) and summary.json."""
 
 from __future__ import annotations
 
@@ -7,6 +7,23 @@ import math
 import os
 import secrets
 from pathlib import Path
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """A run's summary.json, or None when there is none (or it is unreadable)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """summary.json, written whole or not at all: a reader never sees a cut file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".summary.json-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, run_dir / "summary.json")
 
 
 def _clean(row: dict) -> dict:

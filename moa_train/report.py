@@ -29,7 +29,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .config import NOT_THE_RUN, flatten, under
 from .ffn import FFN_REGISTRY
+from .metrics import read_summary
 
 # ffn keys that make two runs of the same ffn name different variants
 VARIANT_KEYS = ("dict", "up_dict", "gate", "gate_bias", "gate_groups", "init")
@@ -80,35 +82,20 @@ class Run:
     @property
     def setting(self) -> dict[str, object]:
         """Every config key that must be equal for two runs to be compared (dotted keys)."""
-        flat = _flatten(self.config)
-        return {k: v for k, v in flat.items() if not k.startswith(NOT_COMPARED_PREFIXES) and k not in NOT_COMPARED}
+        return {k: v for k, v in flatten(self.config).items() if not under(k, NOT_COMPARED)}
 
     @property
     def group(self) -> tuple:
         return (*self.label, json.dumps(self.setting, sort_keys=True, default=str))
 
 
-# Keys that may differ inside a comparison: what is compared (the FFN variant, its learning rate, the
-# seed) and what does not change the numbers (logging, checkpointing, placement, local paths).
-NOT_COMPARED_PREFIXES = ("ffn.", "logger.", "dist.", "hydra.", "sweep.")
-NOT_COMPARED = {
-    "optim.lr", "train.seed", "dry_run", "train.eval_every", "train.log_every", "train.progress", "train.ckpt_every",
-    "train.ckpt_at_end", "train.keep_checkpoints", "train.resume", "train.compile", "train.peak_tflops",
-    "train.device", "train.micro_batch_size", "data.cache_dir", "data.verify",
-}
-
-
+# Besides what does not change a run at all (config.NOT_THE_RUN), keys that may differ inside a
+# comparison: what is compared (the FFN variant, its learning rate, the seed) and what changes the
+# numbers only within float noise (placement, compilation, micro-batching, evaluation cadence).
+NOT_COMPARED = (*NOT_THE_RUN, "ffn", "optim.lr", "train.seed", "train.eval_every", "train.compile",
+                "train.device", "train.micro_batch_size")
 # A model preset may also set its training shape: sizes compared across (scaling plots) may differ there.
-SIZE_KEYS = ("train.seq_len", "train.batch_size")
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, object]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
+SIZE_KEYS = ("model", "train.seq_len", "train.batch_size")
 
 
 def _short(value) -> str:
@@ -147,7 +134,7 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
 
 
 def read_run(path: Path) -> Run | None:
-    summary = _read_json(path / "summary.json")
+    summary = read_summary(path)
     config = (summary or {}).get("config")
     if config is None and (path / ".hydra" / "config.yaml").is_file():
         config = OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "config.yaml"), resolve=False)
@@ -177,13 +164,6 @@ def read_run(path: Path) -> Run | None:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # ----------------------------------------------------------------------------- the comparison
@@ -285,8 +265,7 @@ def group_names(groups) -> dict[tuple, tuple[str, str]]:
         differing = sorted({k for a in settings for b in settings for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
         for group, setting in zip(same, settings):
             extra = ", ".join(f"{k}={_short(setting.get(k))}" for k in differing)
-            slug = _slug(label) + (f"_{hashlib.sha1(group[4].encode()).hexdigest()[:6]}" if extra else "")
-            names[group] = (extra, slug)
+            names[group] = (extra, _slug(label, group[4] if extra else None))
     return names
 
 
@@ -339,8 +318,10 @@ def _geomspace(low: float, high: float, n: int) -> list[float]:
     return [low * (high / low) ** (i / (n - 1)) for i in range(n)]
 
 
-def _slug(group: tuple) -> str:
-    return "_".join(str(p) for p in group).replace(" ", "").replace("/", "-")
+def _slug(label: tuple, setting: str | None = None) -> str:
+    """A file name for a label; a setting (JSON) adds its hash, for labels that several groups share."""
+    name = "_".join(str(p) for p in label).replace(" ", "").replace("/", "-")
+    return name + (f"_{hashlib.sha1(setting.encode()).hexdigest()[:6]}" if setting else "")
 
 
 def plot_curves(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
@@ -382,7 +363,7 @@ def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> l
     """Terminal loss against total parameters, one plot per (budget, optimizer, schedule) with several sizes."""
     by_setting: dict[tuple, list[tuple[tuple, dict]]] = defaultdict(list)
     for group, table in results.items():
-        others = {k: v for k, v in json.loads(group[4]).items() if not k.startswith("model.") and k not in SIZE_KEYS}
+        others = {k: v for k, v in json.loads(group[4]).items() if not under(k, SIZE_KEYS)}
         by_setting[(*group[1:4], json.dumps(others, sort_keys=True))].append((group, table))
     paths = []
     plt = _plt()
@@ -407,8 +388,8 @@ def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> l
         ax.set_xticks([n for n, _ in sizes], [f"{model}\n{_count(n)}" for n, model in sizes])
         y_ticks = [round(v, 3) for v in _geomspace(min(losses), max(losses), 5)]
         ax.set_yticks(y_ticks, [f"{v:g}" for v in y_ticks])
-        slug = _slug(setting) + (f"_{hashlib.sha1(key[3].encode()).hexdigest()[:6]}" if len(by_setting) > 1 and
-                                 len({k[:3] for k in by_setting}) < len(by_setting) else "")
+        shared = sum(other[:3] == key[:3] for other in by_setting) > 1
+        slug = _slug(setting, key[3] if shared else None)
         paths.append(_save(fig, ax, out / f"scaling_{slug}.png", "parameters (total)",
                            "terminal validation loss (best LR)",
                            f"Terminal loss against model size ({', '.join(setting)})\n(mean over seeds; bars: std)"))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .budget import RunPlan, count_parameters, flops_per_token, mfu, peak_flops, plan_run
 from .checkpoint import Checkpointer, check_compatible, config_differences, read_meta, resume_path, set_aside
-from .config import to_container, validate_config
+from .config import NOT_THE_RUN, to_container, validate_config
 from .data import PackedBatches, prepare_data, resolve_vocab_size, validation_batches
 from .distributed import (
     DistEnv,
@@ -38,7 +38,7 @@ from .distributed import (
 from .errors import DataError, UserError
 from .ffn import FFN_REGISTRY
 from .ffn.mixtures import mixture_statistics, recording_mixture_statistics
-from .metrics import MetricLoggers
+from .metrics import MetricLoggers, read_summary, write_summary
 from .model import Transformer
 from .moe import expert_load_statistics, update_load_balance
 from .optim import build_optimizer, set_lr
@@ -46,10 +46,7 @@ from .parallel import autocast_context, clip_grad_norm, configure_backends, grad
 from .schedule import lr_multiplier
 
 log = logging.getLogger("moa_train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# keys that do not change what a run computes (a finished run with other values is the same run)
-NOT_THE_RUN = ("train.progress", "train.resume", "train.ckpt_every", "train.ckpt_at_end", "train.keep_checkpoints",
-               "train.log_every", "logger", "dry_run", "dist")  # SIGUSR1: what Slurm sends before preemption
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: what Slurm sends before preemption
 
 
 def describe(cfg: DictConfig, world_size: int = 1) -> tuple[dict[str, int], RunPlan]:
@@ -69,10 +66,7 @@ def describe(cfg: DictConfig, world_size: int = 1) -> tuple[dict[str, int], RunP
 
 def finished_summary(run_dir: Path, config: dict, steps: int) -> dict | None:
     """The summary of a completed run of this configuration in run_dir, if there is one."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+    summary = read_summary(run_dir) or {}
     if summary.get("status") != "completed" or summary.get("steps") != steps or "config" not in summary:
         return None
     return None if config_differences(summary["config"], config, only=None, ignore=NOT_THE_RUN) else summary
@@ -309,7 +303,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         "config": config,
     }
     if env.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(run_dir, summary)
     loggers.close()
     log.info("%s after %d of %d steps, %.1fs: %s validation loss %.4f (initial %s); run dir %s", status, done,
              plan.steps, wall, "final" if status == "completed" else "last", val_loss or math.nan,

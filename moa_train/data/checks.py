@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from ..errors import ConfigError
 from .cache import VERIFY_MODES
 from .sources import DATA_SOURCES
@@ -19,7 +21,7 @@ def check_data_config(data_cfg, model_vocab_size: int | None) -> None:
                           f"Choose the source with its config group, data={source}, which sets both keys{hub}.",
                           source)
     for key in ("max_documents", "shard_tokens", "tokenizer.vocab_size", "tokenizer.train_chars"):
-        value = _select(data_cfg, key)
+        value = OmegaConf.select(data_cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"data.{key}", f"got {value}, must be > 0.")
     if data_cfg.verify not in VERIFY_MODES:
@@ -42,9 +44,3 @@ def check_data_config(data_cfg, model_vocab_size: int | None) -> None:
     DATA_SOURCES[source].check(data_cfg)
     if tok.path:  # a local file is cheap to load: its size is checked now (a hub tokenizer when preparing)
         resolve_vocab_size(data_cfg, model_vocab_size)
-
-
-def _select(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
