@@ -40,6 +40,7 @@ STUDY_DIR ?= docs/results/cpu_study
 study: install
 	@start=$$(date +%s); \
 	$(VENV)/bin/moa-train sweep=cpu_study hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
+	sed -i 's|^    cwd: .*|    cwd: .|' $(STUDY_DIR)/runs/multirun.yaml; \
 	$(VENV)/bin/moa-report $(STUDY_DIR)/runs --out $(STUDY_DIR) && \
 	echo "make study: $$(( $$(date +%s) - start )) s on $$(nproc) cores, $$(date -u +%Y-%m-%dT%H:%MZ)" \
 		| tee $(STUDY_DIR)/wall_time.txt && exit $$status

@@ -28,19 +28,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from hydra import compose, initialize_config_module
 
-    import moa_train.config  # noqa: F401  (registers the schemas)
     from moa_train.budget import count_parameters, plan_run
-    from moa_train.config import validate_config
+    from moa_train.builder import build_model
+    from moa_train.config import compose_run_config, validate_config
     from moa_train.data import PackedBatches, prepare_data, resolve_vocab_size
     from moa_train.distributed import init_distributed
-    from moa_train.model import Transformer
     from moa_train.optim import build_optimizer
-    from moa_train.parallel import autocast_context, parallelize
+    from moa_train.parallel import autocast_context, unwrap
 
-    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny", *args.overrides])
+    cfg = compose_run_config(["model=tiny", *args.overrides])
     validate_config(cfg)
     start = time.perf_counter()
     data = prepare_data(cfg.data, resolve_vocab_size(cfg.data, cfg.model.vocab_size), cfg.train.eval_tokens,
@@ -48,12 +45,8 @@ def main() -> None:
     prepare_s = time.perf_counter() - start
 
     env = init_distributed("none", cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    with env.device:
-        model = Transformer(cfg.model, cfg.ffn)
-    model.init_weights()
-    plan = plan_run(cfg.train, cfg.budget, count_parameters(model))
-    model = parallelize(model, env, cfg.train.compile, cfg.train.dtype)
+    model = build_model(cfg, env)
+    plan = plan_run(cfg.train, cfg.budget, count_parameters(unwrap(model)))
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_context(env.device, cfg.train.dtype)
     batches = PackedBatches(data.train, cfg.train.seq_len, cfg.train.seed)

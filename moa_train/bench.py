@@ -17,7 +17,6 @@ Type-I variants are compared with relu2, Type-II with swiglu.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -40,32 +39,32 @@ def _reset_peak_rss() -> None:
         f.write("5")  # Linux: reset VmHWM, the peak resident set size, to the current RSS
 
 
+def _compose(overrides: list[str]):
+    """The training config of `overrides`, checked as moa-train checks it."""
+    from moa_train.config import compose_run_config, validate_config
+    from moa_train.data import resolve_vocab_size
+
+    cfg = compose_run_config(overrides)
+    validate_config(cfg)
+    cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)
+    return cfg
+
+
 def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False) -> dict:
     """Run in a worker process: build the model of `overrides`, time `steps` full training steps."""
     import torch
-    from hydra import compose, initialize_config_module
 
-    import moa_train.config  # noqa: F401
     from moa_train.budget import count_parameters, plan_run
-    from moa_train.config import validate_config
-    from moa_train.data import resolve_vocab_size
+    from moa_train.builder import build_model
     from moa_train.distributed import init_distributed
-    from moa_train.model import Transformer
     from moa_train.optim import build_optimizer
-    from moa_train.parallel import autocast_context, parallelize
+    from moa_train.parallel import autocast_context, unwrap
 
-    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    validate_config(cfg)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)
+    cfg = _compose(overrides)
     env = init_distributed("none", cfg.train.device)
     device = env.device
-    torch.manual_seed(cfg.train.seed)
-    with device:
-        model = Transformer(cfg.model, cfg.ffn)
-    model.init_weights()
-    counts = count_parameters(model)
-    model = parallelize(model, env, cfg.train.compile, cfg.train.dtype)
+    model = build_model(cfg, env)
+    counts = count_parameters(unwrap(model))
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_context(device, cfg.train.dtype)
     plan = plan_run(cfg.train, cfg.budget, counts)
@@ -146,28 +145,23 @@ def machine() -> dict:
 def measure_moe(overrides: list[str], steps: int, warmup: int, rounds: int) -> list[dict]:
     """One MoE block of the model preset: forward + backward tokens/s of each dispatch path."""
     import torch
-    from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    import moa_train.config  # noqa: F401
-    from moa_train.config import validate_config
-    from moa_train.moe import MoE
-    from moa_train.moe.experts import _torch_grouped_mm_works
+    from moa_train.distributed import init_distributed
+    from moa_train.moe import MoE, torch_grouped_mm_works
     from moa_train.moe.reference import per_expert_loop
+    from moa_train.parallel import autocast_context, use_bf16
 
-    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny_moe", *overrides])
-    validate_config(cfg)
+    cfg = _compose(["model=tiny_moe", *overrides])
     if cfg.model.family != "moe":
         raise SystemExit(f"moa-bench --moe: model {cfg.model.name} is not an MoE preset")
-    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.train.device == "auto" else cfg.train.device))
+    device = init_distributed("none", cfg.train.device).device
     torch.manual_seed(cfg.train.seed)
     tokens = (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.train.seq_len
     x = torch.randn(tokens, cfg.model.dim, device=device)
     paths = {"grouped (loop over experts)": "loop", "naive (mask per expert)": "naive"}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if _torch_grouped_mm_works(device.type, dtype):
+    autocast = autocast_context(device, cfg.train.dtype)
+    if torch_grouped_mm_works(device.type, torch.bfloat16 if use_bf16(device, cfg.train.dtype) else torch.float32):
         paths["grouped (torch._grouped_mm)"] = "torch"
     results = {}
     for _ in range(rounds):
@@ -177,8 +171,6 @@ def measure_moe(overrides: list[str], steps: int, warmup: int, rounds: int) -> l
                 moe = MoE(cfg.model.dim, moe_cfg, cfg.ffn, cfg.model.ffn_multiple_of)
             moe.reset_parameters(cfg.model.init_std, cfg.model.init_std)
             forward = (lambda m, t: per_expert_loop(m, t)) if path == "naive" else (lambda m, t: m(t))
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
-                contextlib.nullcontext()
             times = []
             for i in range(warmup + steps):
                 start = time.perf_counter()
@@ -204,7 +196,8 @@ def measure_moe(overrides: list[str], steps: int, warmup: int, rounds: int) -> l
 def main(argv: list[str] | None = None) -> None:
     from moa_train.ffn import FFN_REGISTRY
 
-    parser = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variants", default="moa1,qd_moa", help="comma-separated ffn names")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")

@@ -27,9 +27,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .config import flatten, under
+from .config import NOT_THE_RUN
 from .distributed import DistEnv, barrier
 from .errors import UserError
+from .utils import flatten, under
 
 
 def _quiet_single_process(fn, *args, **kwargs):
@@ -106,7 +107,7 @@ def config_differences(saved: dict, current: dict, only: tuple[str, ...] | None 
 
 
 def check_compatible(path: Path, meta: dict, config: dict) -> None:
-    differences = config_differences(meta["config"], config)
+    differences = config_differences(meta["config"], config, ignore=NOT_THE_RUN)
     if differences:
         raise CheckpointError(
             f"checkpoint '{path}' was written by a run with a different configuration; resuming would not "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import config as _config  # noqa: F401  (registers the schemas in the ConfigStore)
+from .config import register_configs
 from .distributed import launched_ranks
 from .errors import UserError
 from .metrics import read_summary, write_summary
@@ -32,10 +33,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # elsewhere a failure must end the process non-zero: the launcher (submitit) reports it, and
     # torchrun tears down the other ranks instead of leaving them waiting at a collective.
     goes_on = in_sweep and world_size == 1 and hydra_cfg.launcher._target_.endswith("BasicLauncher")
+    fresh = _only_hydra_records(run_dir)
     try:
         summary = run(cfg, run_dir)
+        if cfg.dry_run and fresh and rank == 0:
+            _remove_hydra_records(run_dir)  # a dry run trains nothing and leaves no run directory
     except Exception as exc:
-        if in_sweep:
+        if isinstance(exc, UserError) and fresh and rank == 0 and not in_sweep:
+            _remove_hydra_records(run_dir)  # refused before training: leave no directory behind
+        elif in_sweep:
             _record_failure(run_dir, cfg, exc)
         if isinstance(exc, UserError):
             where = f" (rank {rank})" if world_size > 1 else ""
@@ -48,6 +54,23 @@ def hydra_main(cfg: DictConfig) -> float | None:
             raise
         return None
     return summary.get("val_loss")  # the objective Hydra sweepers minimise
+
+
+HYDRA_RECORDS = {".hydra", "train.log"}  # what Hydra writes into a run directory before the task starts
+
+
+def _only_hydra_records(run_dir: Path) -> bool:
+    """Whether the run directory holds nothing but what Hydra just wrote (it creates the directory
+    before calling the task): then no earlier run of this name exists."""
+    return run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_RECORDS
+
+
+def _remove_hydra_records(run_dir: Path) -> None:
+    for handler in logging.getLogger().handlers[:]:  # train.log's handler holds the file open
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
@@ -64,6 +87,7 @@ def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
 
 
 def main() -> None:
+    register_configs()
     rank, world_size, _ = launched_ranks()
     # Under torchrun every rank resolves the same run directory, but only rank 0 writes Hydra's
     # .hydra/ record and train.log; the others log warnings to stderr.

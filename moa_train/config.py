@@ -15,7 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, check_choice, check_fraction, check_positive
+from .utils import under
 
 
 @dataclass
@@ -55,14 +56,14 @@ class ModelConfig:
 @dataclass
 class FFNConfig:
     name: str = MISSING
-    # LA / MoA only (DESIGN.md section 1); names or abbreviations: g s r r2 l t id.
+    # LA / MoA only (docs/design.md section 1); names or abbreviations: g s r r2 l t id.
     dict: list[str] | None = None  # Type-I dictionary, or Type-II gate branch; None: the default
     up_dict: list[str] | None = None  # Type-II up branch (bi, qd); None: [id, t, s]
     gate: str = "sigmoid"  # MoA gate function phi: sigmoid | tanh | softmax | linear
     gate_bias: bool = False
     gate_groups: int = 1  # gates per token per entry: one per group of hidden units
     init: str = "uniform"  # uniform | baseline (start exactly as relu2 / swiglu)
-    kernel: str = "auto"  # auto | compiled | eager: how the mixing is run (see ffn/mixing.py)
+    kernel: str = "auto"  # auto | compiled | eager: how the mixing is run (see ffn/kernels.py)
 
 
 @dataclass
@@ -203,26 +204,55 @@ class RunConfig:
     dry_run: bool = False
 
 
-def run_name(override_dirname: str) -> str:
-    """A directory name from the command line's overrides (Hydra's override_dirname)."""
-    if not override_dirname:
+# Keys that do not change what a run computes: a finished run with other values is the same run
+# (train.py skips it; the run directory's name leaves them out, so rerunning with other values
+# finds it), and runs that differ only there are compared (moa-report). A key covers its subkeys.
+NOT_THE_RUN = ("train.progress", "train.resume", "train.ckpt_every", "train.ckpt_at_end", "train.keep_checkpoints",
+               "train.log_every", "train.peak_tflops", "logger", "dry_run", "dist", "sweep", "hydra",
+               "data.cache_dir", "data.verify")
+
+
+def run_name(overrides) -> str:
+    """A run directory's name from the command line's overrides (Hydra's hydra.overrides.task).
+
+    As Hydra's override_dirname (key=value, sorted, comma-separated), but leaving out every key under
+    NOT_THE_RUN, so that `train.log_every=10` names the same run as no override at all.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    kept = sorted(f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed
+                  if not under(o.key_or_group, NOT_THE_RUN))
+    name = ",".join(kept)
+    if not name:
         return "default"
-    name = override_dirname.replace(os.sep, "%")  # data.path=/a/b must not nest directories
-    if len(name) > 150:  # file names stop at 255 bytes; keep a readable head and a hash
-        name = name[:130] + "-" + hashlib.sha256(override_dirname.encode()).hexdigest()[:12]
-    return name
+    flat = name.replace(os.sep, "%")  # data.path=/a/b must not nest directories
+    if len(flat) > 150:  # file names stop at 255 bytes; keep a readable head and a hash
+        flat = flat[:130] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return flat
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
+    """The schemas in Hydra's ConfigStore and the run-name resolver: call once before composing."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
     OmegaConf.register_new_resolver("moa_run_name", run_name, replace=True)
 
 
-register_configs()
+def compose_run_config(overrides: list[str]) -> DictConfig:
+    """The config `moa-train OVERRIDES` would run, composed without starting a Hydra app (for the
+    other tools: moa-prepare, moa-bench, benchmarks)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
 
 
-# ----------------------------------------------------------------------------- value checks
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- value checks, one per group
 
 BUDGET_COUNTS = ("total", "active", "non_embedding")
 DEVICES = ("auto", "cpu", "cuda")
@@ -232,34 +262,10 @@ WANDB_MODES = ("offline", "online", "disabled")
 MODEL_FAMILIES = ("dense", "moe")
 
 
-def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(key, f"got {value}, must be {bound}.")
-
-
-def _choice(cfg: DictConfig, key: str, accepted: tuple[str, ...] | list[str]) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in accepted:
-        raise ConfigError(key, f"unknown value '{value}'.", ", ".join(accepted))
-
-
-def _fraction(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(key, f"got {value}, must lie in [0, 1].")
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Check every value before compute starts; raise ConfigError naming the key."""
     from .data import check_data_config
-    from .distributed import DIST_MODES
-    from .ffn import FFN_REGISTRY, ffn_hidden_dim
-    from .ffn.mixtures import validate_ffn_config
-    from .schedule import DECAY_SHAPES, SCHEDULES
+    from .ffn import validate_ffn_config
 
     # Resolving first turns a broken interpolation into a clean error naming the key.
     try:
@@ -270,13 +276,21 @@ def validate_config(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise ConfigError(key, "has no value.", "set it on the command line, e.g. " + f"{key}=...")
+    _check_model(cfg.model)
+    validate_ffn_config(cfg.ffn, cfg.model)
+    _check_optim(cfg.optim)
+    _check_schedule(cfg.schedule)
+    check_data_config(cfg.data, cfg.model.vocab_size)  # source, keys, tokenizer size (moa_train/data/checks.py)
+    _check_budget(cfg.budget)
+    _check_dist_and_logger(cfg.dist, cfg.logger)
+    _check_train(cfg.train)
 
-    _choice(cfg, "model.family", MODEL_FAMILIES)
-    for key in ("model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size",
-                "model.ffn_hidden", "model.ffn_multiple_of", "model.rope_theta", "model.norm_eps",
-                "model.init_std"):
-        _positive(cfg, key)
-    m = cfg.model
+
+def _check_model(m: DictConfig) -> None:
+    check_choice("model.family", m.family, MODEL_FAMILIES)
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden", "ffn_multiple_of",
+                "rope_theta", "norm_eps", "init_std"):
+        check_positive(f"model.{key}", m[key])
     if m.dim % m.n_heads:
         raise ConfigError("model.n_heads", f"{m.n_heads} does not divide model.dim={m.dim}.")
     if (m.dim // m.n_heads) % 2:
@@ -284,108 +298,85 @@ def validate_config(cfg: DictConfig) -> None:
     n_kv = m.n_kv_heads or m.n_heads
     if m.n_heads % n_kv:
         raise ConfigError("model.n_kv_heads", f"{n_kv} does not divide model.n_heads={m.n_heads}.")
-
     if m.family == "moe":
-        _validate_moe(cfg)
-    _choice(cfg, "ffn.name", sorted(FFN_REGISTRY))
-    validate_ffn_config(cfg.ffn, ffn_hidden_dim(m.dim, cfg.ffn.name, m.ffn_hidden, m.ffn_multiple_of))
-
-    _choice(cfg, "optim.name", ("adamw", "muon"))
-    _positive(cfg, "optim.lr")
-    _positive(cfg, "optim.weight_decay", allow_zero=True)
-    _positive(cfg, "optim.eps")
-    _positive(cfg, "optim.grad_clip", allow_zero=True)
-    for role in ("matrix", "embedding", "head", "vector", "mixing"):
-        _positive(cfg, f"optim.groups.{role}.lr")
-        _positive(cfg, f"optim.groups.{role}.weight_decay", allow_zero=True)
-    _choice(cfg, "optim.muon.update_scale", ("match_adamw", "spectral"))
-    _choice(cfg, "optim.muon.ns_dtype", ("auto", "float32", "bfloat16"))
-    _positive(cfg, "optim.muon.ns_steps")
-    _positive(cfg, "optim.muon.update_rms")
-    for key in ("optim.beta1", "optim.beta2", "optim.muon.momentum"):
-        value = OmegaConf.select(cfg, key)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(key, f"got {value}, must lie in [0, 1).")
-
-    _choice(cfg, "schedule.name", sorted(SCHEDULES))
-    _choice(cfg, "schedule.decay_shape", DECAY_SHAPES)
-    _positive(cfg, "schedule.warmup_steps", allow_zero=True)
-    for key in ("schedule.warmup_frac", "schedule.min_lr_ratio", "schedule.decay_frac"):
-        _fraction(cfg, key)
-
-    check_data_config(cfg.data, m.vocab_size)  # source, keys, tokenizer size (moa_train/data/checks.py)
-
-    _positive(cfg, "train.keep_checkpoints")
-    _positive(cfg, "train.peak_tflops")
-    _positive(cfg, "budget.tokens_per_param")
-    _choice(cfg, "budget.count", BUDGET_COUNTS)
-    _choice(cfg, "budget.params_of", ("baseline", "own"))
-    _choice(cfg, "dist.name", DIST_MODES)
-    _choice(cfg, "logger.name", LOGGERS)
-    _choice(cfg, "logger.mode", WANDB_MODES)
-
-    for key in ("train.seq_len", "train.batch_size", "train.micro_batch_size", "train.max_steps",
-                "train.eval_every", "train.eval_tokens", "train.log_every", "train.ckpt_every"):
-        _positive(cfg, key)
-    device = cfg.train.device
-    if device.split(":")[0] not in DEVICES:
-        raise ConfigError("train.device", f"unknown value '{device}'.", "auto, cpu, cuda, cuda:N")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device", f"'{device}' requested but no CUDA device is available.",
-                              "auto, cpu")
-    _choice(cfg, "train.dtype", DTYPES)
-    if cfg.train.eval_tokens < cfg.train.seq_len:
-        raise ConfigError("train.eval_tokens",
-                          f"{cfg.train.eval_tokens} is shorter than one sequence (train.seq_len="
-                          f"{cfg.train.seq_len}).")
+        _check_moe(m.moe)
 
 
-def _validate_moe(cfg: DictConfig) -> None:
+def _check_moe(moe: DictConfig) -> None:
     from .moe import GROUPED_MM, SCORES
 
-    moe = cfg.model.moe
     if moe.n_experts < 1:
         raise ConfigError("model.moe.n_experts", f"got {moe.n_experts}; an MoE layer needs at least one expert.")
     if not 1 <= moe.top_k <= moe.n_experts:
         raise ConfigError("model.moe.top_k", f"got {moe.top_k}; each token visits between 1 and model.moe.n_experts="
                           f"{moe.n_experts} experts.")
-    _positive(cfg, "model.moe.n_shared_experts", allow_zero=True)
-    _positive(cfg, "model.moe.expert_hidden")
-    _positive(cfg, "model.moe.route_scale")
-    _positive(cfg, "model.moe.bias_update_coef", allow_zero=True)
-    _positive(cfg, "model.moe.aux_loss_coef", allow_zero=True)
-    _choice(cfg, "model.moe.score", SCORES)
-    _choice(cfg, "model.moe.grouped_mm", GROUPED_MM)
+    for key in ("n_shared_experts", "bias_update_coef", "aux_loss_coef"):
+        check_positive(f"model.moe.{key}", moe[key], allow_zero=True)
+    for key in ("expert_hidden", "route_scale"):
+        check_positive(f"model.moe.{key}", moe[key])
+    check_choice("model.moe.score", moe.score, SCORES)
+    check_choice("model.moe.grouped_mm", moe.grouped_mm, GROUPED_MM)
 
 
-def expand_path(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
+def _check_optim(o: DictConfig) -> None:
+    from .optim import OPTIMIZERS, ROLES
+
+    check_choice("optim.name", o.name, OPTIMIZERS)
+    check_positive("optim.lr", o.lr)
+    check_positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    check_positive("optim.eps", o.eps)
+    check_positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    for role in ROLES:
+        check_positive(f"optim.groups.{role}.lr", o.groups[role].lr)
+        check_positive(f"optim.groups.{role}.weight_decay", o.groups[role].weight_decay, allow_zero=True)
+    check_choice("optim.muon.update_scale", o.muon.update_scale, ("match_adamw", "spectral"))
+    check_choice("optim.muon.ns_dtype", o.muon.ns_dtype, ("auto", "float32", "bfloat16"))
+    check_positive("optim.muon.ns_steps", o.muon.ns_steps)
+    check_positive("optim.muon.update_rms", o.muon.update_rms)
+    check_fraction("optim.beta1", o.beta1, closed_above=False)
+    check_fraction("optim.beta2", o.beta2, closed_above=False)
+    check_fraction("optim.muon.momentum", o.muon.momentum, closed_above=False)
 
 
-def to_container(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+def _check_schedule(s: DictConfig) -> None:
+    from .schedule import DECAY_SHAPES, SCHEDULES
+
+    check_choice("schedule.name", s.name, sorted(SCHEDULES))
+    check_choice("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
+    check_positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    for key in ("warmup_frac", "min_lr_ratio", "decay_frac"):
+        check_fraction(f"schedule.{key}", s[key])
 
 
-# Keys that do not change what a run computes: a finished run with other values is the same run
-# (train.py skips it), and runs that differ only there are compared (moa-report).
-NOT_THE_RUN = ("train.progress", "train.resume", "train.ckpt_every", "train.ckpt_at_end", "train.keep_checkpoints",
-               "train.log_every", "train.peak_tflops", "logger", "dry_run", "dist", "sweep", "hydra",
-               "data.cache_dir", "data.verify")
+def _check_budget(b: DictConfig) -> None:
+    check_positive("budget.tokens_per_param", b.tokens_per_param)
+    check_choice("budget.count", b.count, BUDGET_COUNTS)
+    check_choice("budget.params_of", b.params_of, ("baseline", "own"))
 
 
-def flatten(tree, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {'dotted.key': value}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+def _check_dist_and_logger(dist: DictConfig, logger: DictConfig) -> None:
+    from .distributed import DIST_MODES
+
+    check_choice("dist.name", dist.name, DIST_MODES)
+    check_choice("logger.name", logger.name, LOGGERS)
+    check_choice("logger.mode", logger.mode, WANDB_MODES)
 
 
-def under(key: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether a dotted key is one of `prefixes` or inside one of them."""
-    return any(key == p or key.startswith(p + ".") for p in prefixes)
+def _check_train(t: DictConfig) -> None:
+    check_positive("train.keep_checkpoints", t.keep_checkpoints)
+    check_positive("train.peak_tflops", t.peak_tflops)
+    for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_every", "eval_tokens", "log_every",
+                "ckpt_every"):
+        check_positive(f"train.{key}", t[key])
+    if t.device.split(":")[0] not in DEVICES:
+        raise ConfigError("train.device", f"unknown value '{t.device}'.", "auto, cpu, cuda, cuda:N")
+    if t.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", f"'{t.device}' requested but no CUDA device is available.",
+                              "auto, cpu")
+    check_choice("train.dtype", t.dtype, DTYPES)
+    if t.eval_tokens < t.seq_len:
+        raise ConfigError("train.eval_tokens",
+                          f"{t.eval_tokens} is shorter than one sequence (train.seq_len={t.seq_len}).")

@@ -116,7 +116,7 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def same_on_all_ranks(value: str) -> list[str]:
+def gather_from_all_ranks(value: str) -> list[str]:
     """Every rank's value of a string (for checks such as: do all ranks write to one run directory?)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return [value]

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from .ffn import FFN, build_ffn, ffn_hidden_dim
+from .ffn import FeedForward, build_ffn, ffn_hidden_dim
 from .moe import MoE
 
 
@@ -54,7 +54,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FFN | MoE):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FeedForward | MoE):
         super().__init__()
         self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, n_kv_heads)

@@ -1,11 +1,11 @@
 """Optimizers. Parameters are sorted into roles once; each optimizer decides what a role gets.
 
 Roles: `matrix` (hidden weights: attention and FFN projections, expert stacks), `embedding`,
-`head`, `vector` (norm gains and other 1-D tensors) and `mixing` (parameters a module marks with
-`mark_no_weight_decay`: MoA gates and LA coefficients). Each role is one parameter group with its own
-learning rate and weight decay (`optim.groups.<role>.lr` / `.weight_decay`, null: `optim.lr`, and
-`optim.weight_decay` for matrix, embedding and head but 0 for vector and mixing). Every group
-carries `base_lr`; the schedule sets `lr = base_lr * multiplier` each step.
+`head`, `vector` (norm gains and other 1-D tensors) and `mixing` (the parameters a module names in
+its class attribute `no_weight_decay`: MoA gates and LA coefficients, see ffn/gates.py). Each role
+is one parameter group with its own learning rate and weight decay (`optim.groups.<role>.lr` and
+`.weight_decay`; null: `optim.lr`, and `optim.weight_decay` for matrix, embedding and head but 0
+for vector and mixing). Every group carries `base_lr`; the schedule sets `lr = base_lr * multiplier`.
 
 `optim=adamw` gives every role to AdamW. `optim=muon` gives `matrix` to Muon and the rest to
 AdamW, as two torch optimizers held by one `Optimizers`.
@@ -23,22 +23,15 @@ ROLES = ("matrix", "embedding", "head", "vector", "mixing")
 DECAYED_ROLES = ("matrix", "embedding", "head")
 
 
-def mark_no_weight_decay(module: nn.Module, *names: str) -> None:
-    """Put the module's own parameters `names` in the `mixing` role (no weight decay, AdamW).
-
-    The mark lives on the module, not on the Parameter: FSDP2's fully_shard replaces every
-    Parameter by a sharded one, and attributes set on the old object would be lost with it.
-    """
-    module._no_weight_decay = frozenset(getattr(module, "_no_weight_decay", frozenset()) | set(names))
-
-
 def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     model = getattr(model, "module", model)  # DDP wraps the Transformer; its head is model.module.output
     embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     head_module = getattr(model, "output", None)
     head = {id(p) for p in head_module.parameters()} if head_module is not None else set()
+    # Read from the module, not from a mark on the Parameter: FSDP2's fully_shard replaces every
+    # Parameter by a sharded one, and attributes set on the old object would be lost with it.
     mixing = {id(p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
-              if name in getattr(m, "_no_weight_decay", ())}
+              if name in getattr(m, "no_weight_decay", ())}
     roles: dict[str, list[nn.Parameter]] = defaultdict(list)
     seen: set[int] = set()
     for p in model.parameters():

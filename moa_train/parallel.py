@@ -32,7 +32,16 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Each MoA dictionary is one more specialisation of the same fused kernel body (ffn/kernels.py):
+    allow that many before dynamo gives up and runs it eagerly."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+
+
 def parallelize(model: nn.Module, env: DistEnv, compile: bool | None, dtype: str = "auto") -> nn.Module:
+    allow_recompiles()
     if compile is None:
         compile = env.device.type == "cuda"
     if compile:

@@ -16,22 +16,12 @@ import time
 from .errors import UserError
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
-    from . import config  # noqa: F401  (registers the schemas)
-
-    with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def prepare(overrides: list[str], log=print):
     """(config, PreparedData, seconds) for the run these overrides describe."""
-    from .config import validate_config
+    from .config import compose_run_config, validate_config
     from .data import prepare_data, resolve_vocab_size
 
-    cfg = compose(overrides)
+    cfg = compose_run_config(overrides)
     validate_config(cfg)
     vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)
     start = time.perf_counter()
@@ -39,7 +29,7 @@ def prepare(overrides: list[str], log=print):
     return cfg, data, time.perf_counter() - start
 
 
-def describe(data, seconds: float) -> str:
+def format_summary(data, seconds: float) -> str:
     meta = data.meta
     tokenizer = meta["tokenizer"]
     kind = ("byte-level BPE trained on the corpus" if tokenizer["kind"] == "bpe"
@@ -71,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="moa-prepare", description="Tokenise a run's corpus into the data cache (the same overrides as "
         "moa-train) and print a summary.")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=local data.path=DIR model=tiny")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=local data.path=DIR model=tiny "
+                        "(default: none: the default run of conf/config.yaml)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON object (default: off, a readable summary)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     log = logging.getLogger("moa_train.prepare").info
@@ -87,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({**data.summary(), "built": data.built, "seconds": round(seconds, 3)}))
     else:
-        print(describe(data, seconds))
+        print(format_summary(data, seconds))
     return 0
 
 

@@ -9,10 +9,14 @@ is the one whose terminal validation loss, averaged over seeds, is lowest. The r
 variant's terminal loss at its best LR, the spread over seeds, and the relative loss against the
 group's baseline (swiglu for Type-II variants, relu2 for Type-I), `(L - L_base) / L_base`, and says
 whether the difference is larger than the seeds' spread. Runs that failed, diverged or did not
-finish are listed, never silently dropped.
+finish are listed, never silently dropped. A variant run at one learning rate only was not tuned:
+the report and the plots say so ("LR not tuned: one value").
 
 Outputs in --out: report.md, report.json, and PNG plots (validation loss against tokens at the best
-LR, terminal loss against LR, and terminal loss against parameters across model sizes).
+LR, terminal loss against LR, and terminal loss against parameters across model sizes). In the
+plots the baselines (relu2, swiglu) are black and dashed, token and parameter counts read 250k or
+1.2M, the learning-rate axis is ticked at the rates that were run (4e-3, 8e-3...) and the loss axis
+at round values.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import NOT_THE_RUN, flatten, under
+from .config import NOT_THE_RUN
 from .ffn import FFN_REGISTRY
 from .metrics import read_summary
+from .utils import flatten, under
 
 # ffn keys that make two runs of the same ffn name different variants
 VARIANT_KEYS = ("dict", "up_dict", "gate", "gate_bias", "gate_groups", "init")
@@ -133,7 +138,7 @@ def find_run_dirs(roots: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-def read_run(path: Path) -> Run | None:
+def read_run(path: Path) -> Run:
     summary = read_summary(path)
     config = (summary or {}).get("config")
     if config is None and (path / ".hydra" / "config.yaml").is_file():
@@ -192,6 +197,22 @@ class VariantResult:
     @property
     def std(self) -> float:
         return statistics.stdev(self.losses) if len(self.losses) > 1 else 0.0
+
+    @property
+    def lrs_tried(self) -> list[float]:
+        """Every learning rate run, whether it completed or diverged."""
+        return sorted(set(self.by_lr) | set(self.diverged))
+
+    @property
+    def lr_tuned(self) -> bool:
+        """False for a one-value grid: the best LR is the only one tried, nothing was tuned."""
+        return len(self.lrs_tried) > 1
+
+    @property
+    def is_baseline(self) -> bool:
+        """relu2 or swiglu themselves (their registry entry names themselves), not a variant of them."""
+        spec = FFN_REGISTRY.get(self.ffn)
+        return spec is not None and spec.baseline == self.ffn and self.variant == self.ffn
 
 
 def compare(runs: list[Run]) -> dict[tuple, dict[str, VariantResult]]:
@@ -269,6 +290,67 @@ def group_names(groups) -> dict[tuple, tuple[str, str]]:
     return names
 
 
+# ----------------------------------------------------------------------------- axis ticks (pure helpers)
+
+UNTUNED = "LR not tuned: one value"
+NICE_STEPS = (1, 2, 2.5, 5, 10)  # round tick spacings, times a power of ten
+
+
+def format_count(x: float, pos: int | None = None) -> str:
+    """A count of tokens or parameters as an axis reads it: 250k, 1.2M, 38.7k, 3B (three significant digits).
+
+    `pos` is unused: it makes the function a matplotlib FuncFormatter.
+    """
+    for unit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        scaled = f"{x / unit:.3g}"
+        if abs(float(scaled)) >= 1:  # 999,999 reads 1M, not 1e+03k
+            return scaled + suffix
+    return f"{x:.3g}"
+
+
+def format_lr(x: float, pos: int | None = None) -> str:
+    """A learning rate in short scientific notation: 4e-3, 1.6e-2, 2.5e-4 (a FuncFormatter too)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def lr_grid(table: dict[str, VariantResult]) -> list[float]:
+    """The learning rates a group ran (completed or diverged), in order: the LR axis is ticked at these."""
+    return sorted({lr for result in table.values() for lr in result.lrs_tried})
+
+
+def nice_ticks(low: float, high: float, n: int = 6) -> list[float]:
+    """Round values in [low, high]: the finest spacing of 1, 2, 2.5 or 5 times a power of ten that gives at most
+    n ticks (n >= 5 gives two at least)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return []
+    if high <= low:
+        return [low]
+    magnitude = 10 ** math.floor(math.log10((high - low) / n))
+    for step in (s * magnitude * 10 ** k for k in (0, 1, 2) for s in NICE_STEPS[:-1]):
+        first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
+        if last - first + 1 <= n:
+            break
+    return [round(i * step, 12) for i in range(first, last + 1)]
+
+
+def tick_labels(values: list[float]) -> list[str]:
+    """One number of decimals for all ticks, the fewest that writes each exactly: 3.2 3.4, or 3.25 3.50."""
+    decimals = max((len(f"{v:.9f}".rstrip("0").split(".")[1]) for v in values), default=0)
+    return [f"{v:.{decimals}f}" for v in values]
+
+
+def _round_y(ax) -> None:
+    """Major y ticks at round values within the current limits (linear or log axis), no minor ones."""
+    from matplotlib.ticker import NullLocator
+
+    ticks = nice_ticks(*ax.get_ylim())
+    ax.set_yticks(ticks, tick_labels(ticks))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -284,6 +366,8 @@ def _plt():
 # One color per variant in every plot; the variants compared most often get the distinct tab10 colors.
 PALETTE_ORDER = ("swiglu", "one_moa", "bi_moa", "qd_moa", "relu2", "moa1", "one_la", "bi_la", "qd_la", "la1",
                  "gelu", "silu", "relu")
+# The baselines stand apart from the variants: black, thicker, dashed; told from each other by dash and marker.
+BASELINE_STYLE = {"swiglu": {"linestyle": "--", "marker": "s"}, "relu2": {"linestyle": "-.", "marker": "D"}}
 
 
 def _color(variant: str):
@@ -294,28 +378,52 @@ def _color(variant: str):
     return f"C{index}" if index < 10 else _plt().get_cmap("tab20")((2 * index) % 20)
 
 
-def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
-    """Labels, title, grid and legend (every plot must read without the table), then the PNG."""
+def line_style(result: VariantResult, marker: bool = True) -> dict:
+    """matplotlib keyword arguments of a variant's line: a baseline is black, dashed and thicker."""
+    if result.is_baseline:
+        style = {"color": "black", "linewidth": 2.2, "zorder": 1.8,  # under the variants
+                 **BASELINE_STYLE.get(result.ffn, {"linestyle": "--", "marker": "s"})}
+    else:
+        style = {"color": _color(result.variant), "linewidth": 1.5, "linestyle": "-", "marker": "o"}
+    if not marker:
+        style.pop("marker")
+    return style
+
+
+def legend_label(result: VariantResult, untuned: bool, lr: bool = False) -> str:
+    """`swiglu (baseline, lr 1.6e-2)`; `untuned` adds that its LR was not tuned."""
+    notes = (["baseline"] if result.is_baseline else []) + ([f"lr {format_lr(result.best_lr)}"] if lr else [])
+    notes += ["LR not tuned"] if untuned else []
+    return result.variant + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _untuned(tables: list[dict[str, VariantResult]]) -> tuple[set[str], bool]:
+    """The variants run at one learning rate only (in any of the tables), and whether that is all of them."""
+    variants = {v for table in tables for v in table}
+    untuned = {v for table in tables for v, r in table.items() if not r.lr_tuned}
+    return untuned, bool(variants) and untuned == variants
+
+
+def _decorate(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, title, grid and legend: every plot must read without the table."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:  # runs without a curve (metrics.jsonl lost) draw nothing
         ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     _plt().close(fig)
     return path
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
-
-
-def _geomspace(low: float, high: float, n: int) -> list[float]:
-    if high <= low:
-        return [low]
-    return [low * (high / low) ** (i / (n - 1)) for i in range(n)]
+def _title(head: str, all_untuned: bool, detail: str) -> str:
+    """Two lines: what the plot shows (and that no LR was tuned, when none was), then how to read it."""
+    return head + (f" ({UNTUNED})" if all_untuned else "") + f"\n({detail})"
 
 
 def _slug(label: tuple, setting: str | None = None) -> str:
@@ -324,9 +432,12 @@ def _slug(label: tuple, setting: str | None = None) -> str:
     return name + (f"_{hashlib.sha1(setting.encode()).hexdigest()[:6]}" if setting else "")
 
 
-def plot_curves(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def curves_figure(title: str, table: dict[str, VariantResult]):
+    """(figure, axes): validation loss against training tokens at each variant's best LR."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
+    untuned, all_untuned = _untuned([table])
     for variant, result in table.items():
         curves = [r.curve for r in result.runs if r.curve]
         if not curves:
@@ -334,29 +445,82 @@ def plot_curves(title: str, slug: str, table: dict[str, VariantResult], out: Pat
         tokens = [t for t, _ in curves[0]]
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
-        line, = ax.plot(tokens[:n], mean, label=f"{variant} (lr {result.best_lr:g})", color=_color(variant))
+        line, = ax.plot(tokens[:n], mean, label=legend_label(result, variant in untuned and not all_untuned, lr=True),
+                        **line_style(result, marker=False))
         for c in curves if len(curves) > 1 else []:
             ax.plot([t for t, _ in c], [v for _, v in c], color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax.xaxis.set_major_formatter(FuncFormatter(format_count))
     finals = [r.mean for r in table.values()]
     if finals:  # the interesting part is the end: clip the first steps' high losses
         ax.set_ylim(min(finals) - 0.1 * (max(finals) - min(finals) + 0.1), max(finals) + 1.0)
-    return _save(fig, ax, out / f"curves_{slug}.png", "training tokens", "validation loss",
-                 f"{title}: validation loss at each variant's best LR\n"
-                 f"(mean over seeds; faint: single seeds; y axis clipped to the final losses + 1)")
+    _round_y(ax)
+    _decorate(ax, "training tokens", "validation loss",
+              _title(f"{title}: validation loss at each variant's best LR", all_untuned,
+                     "mean over seeds; faint: single seeds; y axis clipped to the final losses + 1"))
+    return fig, ax
 
 
-def plot_lr(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def lr_figure(title: str, table: dict[str, VariantResult]):
+    """(figure, axes): terminal loss against learning rate, ticked at the rates run; x: diverged there."""
+    from matplotlib.ticker import NullLocator
+
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
+    untuned, all_untuned = _untuned([table])
     for variant, result in table.items():
         lrs = sorted(result.by_lr)
         means = [statistics.fmean(result.by_lr[lr]) for lr in lrs]
         low = [m - min(result.by_lr[lr]) for m, lr in zip(means, lrs)]
         high = [max(result.by_lr[lr]) - m for m, lr in zip(means, lrs)]
-        ax.errorbar(lrs, means, yerr=[low, high], marker="o", capsize=3, label=variant, color=_color(variant))
+        style = line_style(result)
+        ax.errorbar(lrs, means, yerr=[low, high], capsize=3,
+                    label=legend_label(result, variant in untuned and not all_untuned), **style)
+        if result.diverged:  # no loss to draw: a cross at the top, at the rate that diverged
+            ax.plot(sorted(result.diverged), [0.97] * len(result.diverged), linestyle="none", marker="x",
+                    color=style["color"], transform=ax.get_xaxis_transform(), clip_on=False)
+    if any(r.diverged for r in table.values()):  # an empty errorbar: its legend entry follows the variants'
+        ax.errorbar([], [], linestyle="none", marker="x", color="gray", label="diverged there (x at the top)")
     ax.set_xscale("log")
-    return _save(fig, ax, out / f"lr_{slug}.png", "peak learning rate", "terminal validation loss",
-                 f"{title}: terminal loss against learning rate\n(mean over seeds; bars: min to max)")
+    grid = lr_grid(table)
+    ax.set_xticks(grid, [format_lr(lr) for lr in grid])
+    ax.xaxis.set_minor_locator(NullLocator())
+    _round_y(ax)
+    _decorate(ax, "peak learning rate (ticks: the rates run)", "terminal validation loss",
+              _title(f"{title}: terminal loss against learning rate", all_untuned,
+                     "mean over seeds; bars: min to max"))
+    return fig, ax
+
+
+def plot_curves(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
+    return _save(curves_figure(title, table)[0], out / f"curves_{slug}.png")
+
+
+def plot_lr(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
+    return _save(lr_figure(title, table)[0], out / f"lr_{slug}.png")
+
+
+def scaling_figure(setting: tuple, groups: list[tuple[tuple, dict[str, VariantResult]]]):
+    """(figure, axes): terminal loss at the best LR against total parameters, over the groups' model sizes."""
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
+    tables = [table for _, table in groups]
+    untuned, all_untuned = _untuned(tables)
+    variants = list(dict.fromkeys(v for table in tables for v in table))  # the tables' order
+    for variant in variants:
+        results = [t[variant] for t in tables if variant in t]
+        points = sorted((r.params.get("total", 0), r.mean, r.std) for r in results)
+        ax.errorbar([p for p, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points], capsize=3,
+                    label=legend_label(results[0], variant in untuned and not all_untuned),
+                    **line_style(results[0]))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    # a narrow log range has no decade ticks: label the model sizes and round loss values instead
+    ax.minorticks_off()
+    sizes = sorted((statistics.median(r.params.get("total", 0) for r in t.values()), g[0]) for g, t in groups)
+    ax.set_xticks([n for n, _ in sizes], [f"{model}\n{format_count(n)}" for n, model in sizes])
+    _round_y(ax)
+    _decorate(ax, "parameters (total)", "terminal validation loss (best LR)",
+              _title(f"Terminal loss against model size ({', '.join(setting)})", all_untuned,
+                     "mean over seeds; bars: std"))
+    return fig, ax
 
 
 def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> list[Path]:
@@ -366,33 +530,13 @@ def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> l
         others = {k: v for k, v in json.loads(group[4]).items() if not under(k, SIZE_KEYS)}
         by_setting[(*group[1:4], json.dumps(others, sort_keys=True))].append((group, table))
     paths = []
-    plt = _plt()
     for key, groups in by_setting.items():
         setting = key[:3]
         if len({g[0] for g, _ in groups}) < 2:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        variants = list(dict.fromkeys(v for _, table in groups for v in table))  # the tables' order
-        losses = []
-        for variant in variants:
-            points = sorted((t[variant].params.get("total", 0), t[variant].mean, t[variant].std)
-                            for _, t in groups if variant in t)
-            ax.errorbar([p for p, _, _ in points], [m for _, m, _ in points], yerr=[s for _, _, s in points],
-                        marker="o", capsize=3, label=variant, color=_color(variant))
-            losses += [m for _, m, _ in points]
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        # a narrow log range has no decade ticks: label the model sizes and a few loss values instead
-        ax.minorticks_off()
-        sizes = sorted((statistics.median(r.params.get("total", 0) for r in t.values()), g[0]) for g, t in groups)
-        ax.set_xticks([n for n, _ in sizes], [f"{model}\n{_count(n)}" for n, model in sizes])
-        y_ticks = [round(v, 3) for v in _geomspace(min(losses), max(losses), 5)]
-        ax.set_yticks(y_ticks, [f"{v:g}" for v in y_ticks])
         shared = sum(other[:3] == key[:3] for other in by_setting) > 1
         slug = _slug(setting, key[3] if shared else None)
-        paths.append(_save(fig, ax, out / f"scaling_{slug}.png", "parameters (total)",
-                           "terminal validation loss (best LR)",
-                           f"Terminal loss against model size ({', '.join(setting)})\n(mean over seeds; bars: std)"))
+        paths.append(_save(scaling_figure(setting, groups)[0], out / f"scaling_{slug}.png"))
     return paths
 
 
@@ -416,9 +560,24 @@ def _lr_cell(result: VariantResult, lr: float) -> str:
     return " ".join(cells) or "-"
 
 
+def _best_lr_cell(result: VariantResult) -> str:
+    """The best LR, marked ⚠ at the edge of the grid, or flagged untuned when the grid had one value."""
+    flag = " ⚠" if result.lr_at_edge else "" if result.lr_tuned else f" ({UNTUNED})"
+    return f"{result.best_lr:g}{flag}"
+
+
 def _cell(text: str) -> str:
     """Text that keeps a Markdown table row whole."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _untuned_warning(table: dict[str, VariantResult]) -> list[str]:
+    """Lines under a group's heading when its learning-rate "grid" was one value for every variant."""
+    if not _untuned([table])[1]:
+        return []
+    lrs = ", ".join(f"{lr:g}" for lr in lr_grid(table))
+    return [f"**{UNTUNED}**: every variant ran at one learning rate only ({lrs}); the losses are not at tuned "
+            "rates, so their differences may come from the learning rate.", ""]
 
 
 def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
@@ -433,18 +592,20 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
              "`(L - L_base) / L_base` against the group's baseline (swiglu for Type-II variants, relu2 for "
              "Type-I). *Beyond seeds* says whether the seed ranges of the variant and its baseline at their "
              "best LRs do not overlap (with one seed per point this cannot be judged). A best LR at the edge "
-             "of the grid is marked ⚠: the grid may not contain the optimum.", ""]
+             "of the grid is marked ⚠: the grid may not contain the optimum. A variant run at one learning rate "
+             f"only is marked *{UNTUNED}*: its loss is not at a tuned rate.", ""]
     report = {"groups": [], "problems": []}
     names = group_names(results)
     for group, table in results.items():
         model, budget, optim, schedule = group[:4]
         extra, slug = names[group]
         lines += [f"## {model}, {budget}, {optim}, {schedule}" + (f" ({extra})" if extra else ""), "",
+                  *_untuned_warning(table),
                   "| variant | best LR | terminal loss | seeds | range | relative | beyond seeds | params | "
                   "ffn extra | tokens |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for variant, r in table.items():
             beyond = "-" if r.separated is None else ("yes" if r.separated else "no")
-            lines.append(f"| {variant} | {r.best_lr:g}{' ⚠' if r.lr_at_edge else ''} | {r.mean:.4f} ± {r.std:.4f} | "
+            lines.append(f"| {variant} | {_best_lr_cell(r)} | {r.mean:.4f} ± {r.std:.4f} | "
                          f"{len(r.losses)} | {min(r.losses):.4f}-{max(r.losses):.4f} | {_fmt_rel(r)} | {beyond} | "
                          f"{r.params.get('total', 0):,} | {r.params.get('ffn_extra', 0):,} | {r.tokens:,} |")
         lrs = sorted({lr for r in table.values() for lr in (*r.by_lr, *r.diverged)})
@@ -461,6 +622,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
                                  "distinguished_by": extra,
                                  "variants": [{"variant": v, "ffn": r.ffn, "baseline": r.baseline,
                                                "best_lr": r.best_lr, "lr_at_edge": r.lr_at_edge,
+                                               "lr_tuned": r.lr_tuned,
                                                "terminal_loss": r.mean, "std": r.std, "losses": r.losses,
                                                "relative": r.relative, "beyond_seeds": r.separated,
                                                "by_lr": {str(k): v2 for k, v2 in r.by_lr.items()},
@@ -487,16 +649,18 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="moa-report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="moa-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path,
-                        help="run directories or sweep directories (searched recursively)")
-    parser.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the plots go")
+                        help="run directories or sweep directories (searched recursively; no default: required)")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="where report.md, report.json and the plots go (created if missing)")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.dirs if not d.is_dir()]
     if missing:
         print(f"moa-report: error: not a directory: {', '.join(missing)}", file=sys.stderr)
         sys.exit(2)
-    runs = [r for r in (read_run(d) for d in find_run_dirs(args.dirs)) if r is not None]
+    runs = [read_run(d) for d in find_run_dirs(args.dirs)]
     if not runs:
         print(f"moa-report: error: no runs (summary.json, metrics.jsonl or .hydra/config.yaml) under "
               f"{', '.join(map(str, args.dirs))}", file=sys.stderr)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-import moa_train.config  # noqa: F401  (registers the schemas)
+from moa_train.config import register_configs
 
+register_configs()
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 

@@ -14,7 +14,7 @@ from moa_train.budget import count_parameters, plan_run
 from moa_train.errors import ConfigError
 from moa_train.ffn import ffn_hidden_dim
 from moa_train.model import Transformer
-from moa_train.train import describe
+from moa_train.train import count_and_plan
 
 
 def closed_form_dense(cfg) -> dict[str, int]:
@@ -35,7 +35,7 @@ def closed_form_dense(cfg) -> dict[str, int]:
 ])
 def test_counts_match_closed_form(overrides):
     cfg = compose_config(*overrides)
-    counts, _ = describe(cfg)
+    counts, _ = count_and_plan(cfg)
     expected = closed_form_dense(cfg)
     assert counts["total"] == expected["total"]
     assert counts["non_embedding"] == expected["non_embedding"]
@@ -112,10 +112,10 @@ def test_flops_per_token_and_mfu():
 
 
 def test_variants_of_a_size_get_the_baseline_budget_unless_told_otherwise():
-    from moa_train.train import describe
+    from moa_train.train import count_and_plan
 
     def plan(*overrides):
-        counts, run_plan = describe(compose_config("model=dense_0.12b", *overrides))
+        counts, run_plan = count_and_plan(compose_config("model=dense_0.12b", *overrides))
         return counts, run_plan
 
     base_counts, base = plan("ffn=swiglu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -161,20 +163,48 @@ def test_slurm_launcher_config_composes_for_sweeps():
 def test_run_directory_is_named_by_the_overrides():
     from moa_train.config import run_name
 
-    assert run_name("") == "default"
-    assert run_name("ffn=qd_moa,model=tiny") == "ffn=qd_moa,model=tiny"
-    assert "/" not in run_name("data.path=/corpus/books,model=tiny")
-    long = run_name("x=" + "a" * 400)
-    assert len(long) < 160 and long != run_name("x=" + "a" * 399 + "b")
+    assert run_name([]) == "default"
+    assert run_name(["model=tiny", "ffn=qd_moa"]) == "ffn=qd_moa,model=tiny"  # sorted, as Hydra's override_dirname
+    assert "/" not in run_name(["data.path=/corpus/books", "model=tiny"])
+    assert run_name(["ffn.dict=[r2,g]"]) == "ffn.dict=[r2,g]"
+    long = run_name(["x=" + "a" * 400])
+    assert len(long) < 160 and long != run_name(["x=" + "a" * 399 + "b"])
+
+
+def test_keys_that_do_not_change_a_run_leave_its_name_alone():
+    """One list (config.NOT_THE_RUN) decides both what a finished run ignores and the run's name."""
+    from moa_train.config import NOT_THE_RUN, run_name
+
+    assert "train.log_every" in NOT_THE_RUN and "logger" in NOT_THE_RUN
+    plain = run_name(["model=tiny", "train.max_steps=5"])
+    for extra in ("train.log_every=10", "logger=wandb", "logger.mode=online", "train.progress=false",
+                  "dry_run=true", "dist=ddp", "data.cache_dir=/tmp/c", "+train.resume=never", "sweep=cpu_study",
+                  "hydra.verbose=true"):
+        assert run_name(["model=tiny", extra, "train.max_steps=5"]) == plain, extra
+    assert run_name(["model=tiny", "train.max_steps=5", "train.seed=1"]) != plain  # a seed is another run
 
 
 def test_cli_same_command_same_run_directory(tmp_path):
-    """Without hydra.run.dir, the run directory follows the overrides (so a rerun resumes)."""
-    for _ in range(2):
-        result = run_cli("model=tiny", "ffn=moa1", "dry_run=true", cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-    runs = [p.name for p in (tmp_path / "outputs" / "runs").iterdir()]
-    assert runs == ["ffn=moa1,model=tiny"]  # dry_run is not part of the name
+    """Without hydra.run.dir, the run directory follows the overrides (so a rerun resumes); a rerun with
+    another logging cadence is the same run: it is found complete and skipped."""
+    runs_dir = tmp_path / "outputs" / "runs"
+    first = run_cli("model=tiny", "train.max_steps=5", "train.log_every=10", "train.eval_every=5",
+                    "train.progress=false", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = run_cli("model=tiny", "train.max_steps=5", "train.log_every=2", "train.eval_every=5",
+                     "train.progress=false", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert [p.name for p in runs_dir.iterdir()] == ["model=tiny,train.eval_every=5,train.max_steps=5"]
+    assert "already complete" in second.stderr
+    rows = [json.loads(line) for line in (next(runs_dir.iterdir()) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 5]  # trained once, by the first command (log_every=10)
+
+
+def test_dry_run_and_refused_config_leave_no_run_directory(tmp_path):
+    assert run_cli("model=tiny", "ffn=moa1", "dry_run=true", cwd=tmp_path).returncode == 0
+    refused = run_cli("model=tiny", "optim.lr=-1", cwd=tmp_path)
+    assert refused.returncode == 2 and "optim.lr" in refused.stderr
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())
 
 
 def test_unknown_dist_mode_is_refused():

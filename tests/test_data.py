@@ -16,19 +16,12 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from moa_train.config import DataConfig
-from moa_train.data import (
-    DATA_SOURCES,
-    HeldOut,
-    PackedBatches,
-    TokenShards,
-    fingerprint_files,
-    prepare_data,
-    read_documents,
-    readers,
-    split_into_pseudo_documents,
-    train_tokenizer,
-    validation_batches,
-)
+from moa_train.data import PackedBatches, prepare_data, readers, validation_batches
+from moa_train.data.cache import HeldOut
+from moa_train.data.loader import TokenShards
+from moa_train.data.readers import TEXT, file_corpus, fingerprint_files, split_into_pseudo_documents
+from moa_train.data.sources import DATA_SOURCES
+from moa_train.data.tokenizer import train_tokenizer
 from moa_train.errors import DataError
 
 
@@ -78,7 +71,7 @@ def test_split_holds_out_whole_documents(plays_dir, tmp_path):
     train_docs = split_documents(data.train, meta["eot_id"], tokenizer)
     assert len(val_docs) == meta["val_documents"] and len(train_docs) == 6 - meta["val_documents"]
     assert set(val_docs).isdisjoint(train_docs)
-    documents = read_documents(sorted(plays_dir.glob("*.txt")))
+    documents = list(file_corpus([(f, TEXT) for f in sorted(plays_dir.glob("*.txt"))], plays_dir, "text").documents())
     assert sorted(val_docs + train_docs) == sorted(documents)  # byte-level BPE round-trips exactly
 
 
@@ -121,8 +114,8 @@ def test_unchanged_files_are_not_read_again_to_fingerprint(tmp_path, monkeypatch
         f.write_text(f"document {i} " * 100)
         _age(f, 60)
     reads = []
-    real = readers._xxh3_file
-    monkeypatch.setattr(readers, "_xxh3_file", lambda p: reads.append(p.name) or real(p))
+    real = readers.xxh3_file
+    monkeypatch.setattr(readers, "xxh3_file", lambda p: reads.append(p.name) or real(p))
 
     first = fingerprint_files(files, corpus, memo)
     assert sorted(reads) == ["a.txt", "b.txt", "c.txt"] and memo.is_file()
@@ -142,8 +135,8 @@ def test_a_file_modified_just_before_hashing_is_hashed_again(tmp_path, monkeypat
     corpus.mkdir()
     (corpus / "fresh.txt").write_text("just written " * 50)
     reads = []
-    real = readers._xxh3_file
-    monkeypatch.setattr(readers, "_xxh3_file", lambda p: reads.append(p.name) or real(p))
+    real = readers.xxh3_file
+    monkeypatch.setattr(readers, "xxh3_file", lambda p: reads.append(p.name) or real(p))
     fingerprint_files([corpus / "fresh.txt"], corpus, memo)
     fingerprint_files([corpus / "fresh.txt"], corpus, memo)
     assert reads == ["fresh.txt", "fresh.txt"]
@@ -191,7 +184,7 @@ def test_meta_records_provenance_counts_and_checksums(small_corpus, tmp_path):
     assert meta["dtype"] == "uint16" and meta["documents"] == 6 and meta["eot_id"] == 0
     assert [s["file"] for s in meta["shards"]] == ["train-00000.bin"] and meta["val"]["file"] == "val.bin"
     assert meta["shards"][0]["tokens"] == meta["train_tokens"] and len(meta["shards"][0]["xxh3_128"]) == 32
-    assert data.summary()["cache"] == str(data.cache_dir)
+    assert data.summary()["cache"] == data.cache_dir.name  # relative to the cache root: no machine path
 
 
 def test_shards_are_invisible_to_the_loader(small_corpus, tmp_path):

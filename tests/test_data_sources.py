@@ -15,7 +15,9 @@ from tokenizers import Tokenizer
 
 from conftest import compose_config
 from moa_train.config import DataConfig, validate_config
-from moa_train.data import DATA_SOURCES, prepare_data, resolve_vocab_size, train_tokenizer
+from moa_train.data import prepare_data, resolve_vocab_size
+from moa_train.data.sources import DATA_SOURCES
+from moa_train.data.tokenizer import train_tokenizer
 from moa_train.errors import ConfigError, DataError
 
 # Short distinct documents: enough text for a 300-entry BPE and a small validation set.

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from moa_train.ffn import FFN_REGISTRY, build_ffn
-from moa_train.ffn.mixing import pair_mix, pair_mix_reference, product_mix, product_mix_reference
+from moa_train.ffn.kernels import pair_mix, pair_mix_reference, product_mix, product_mix_reference
 from moa_train.train import run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,9 +10,8 @@ from conftest import compose_config
 from moa_train.budget import count_parameters
 from moa_train.config import validate_config
 from moa_train.errors import ConfigError
-from moa_train.ffn import FFN_REGISTRY, build_ffn
-from moa_train.ffn.mixing import pair_mix, pair_mix_reference, product_mix, product_mix_reference
-from moa_train.ffn.mixtures import MixtureFFN
+from moa_train.ffn import FFN_REGISTRY, FeedForward, build_ffn
+from moa_train.ffn.kernels import pair_mix, pair_mix_reference, product_mix, product_mix_reference
 from moa_train.model import Transformer
 from moa_train.optim import build_optimizer
 
@@ -112,7 +111,7 @@ def test_baseline_init_reproduces_the_baseline(name, gate):
     assert torch.allclose(mixture(x), baseline(x), atol=1e-6)
     # ... and the mixture really is more than its baseline: perturbing the coefficients changes it
     with torch.no_grad():
-        for p in mixture.coefficients.parameters():
+        for p in mixture.gates.parameters():
             p.add_(0.5 * torch.randn_like(p))
     assert not torch.allclose(mixture(x), baseline(x), atol=1e-3)
 
@@ -120,8 +119,8 @@ def test_baseline_init_reproduces_the_baseline(name, gate):
 @pytest.mark.parametrize("name", MIXTURES)
 def test_uniform_init_values(name):
     ffn = build_ffn(ffn_cfg(name), dim=8, hidden=16)
-    coefficients = ffn.coefficients(torch.randn(3, 8))
-    k = len(ffn.names_a)
+    coefficients = ffn.gates(torch.randn(3, 8))
+    k = len(ffn.mixture.names_a)
     if FFN_REGISTRY[name].mixture == "moa":
         assert torch.allclose(coefficients, torch.full_like(coefficients, 0.5))  # sigmoid(0)
     elif FFN_REGISTRY[name].form == "bi":
@@ -143,7 +142,7 @@ def test_extra_parameters_match_closed_form(name, groups, bias):
     ffn = build_ffn(ffn_cfg(name, gate_groups=groups, gate_bias=bias), dim=d, hidden=24)
     assert sum(p.numel() for p in ffn.extra_parameters()) == expected
     projections = sum(p.numel() for n in ffn.projections for p in getattr(ffn, n).parameters())
-    assert projections == (2 if spec.family == "type1" else 3) * d * 24
+    assert projections == (2 if spec.ffn_type == "type1" else 3) * d * 24
 
 
 @pytest.mark.parametrize("name", MIXTURES)
@@ -160,7 +159,7 @@ def test_gates_and_coefficients_are_not_decayed():
     model = Transformer(cfg.model, cfg.ffn)
     optimizer = build_optimizer(model, cfg.optim)
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    extras = [p for m in model.modules() if isinstance(m, MixtureFFN) for p in m.extra_parameters()]
+    extras = [p for m in model.modules() if isinstance(m, FeedForward) for p in m.extra_parameters()]
     assert len(extras) == 2 * cfg.model.n_layers  # gate weight and bias per layer
     assert all(id(p) in no_decay for p in extras)
     assert id(model.layers[0].ffn.w1.weight) not in no_decay
@@ -188,13 +187,13 @@ def test_memory_saved_for_backward_stays_at_baseline_level(name):
     baseline = build_ffn(ffn_cfg(FFN_REGISTRY[name].baseline), dim=d, hidden=m)
     x = torch.randn(tokens, d, requires_grad=True)
     saved, reference = _saved_bytes(mixture, x), _saved_bytes(baseline, x)
-    gates = tokens * sum(mixture.coefficients.segments) * 4
+    gates = tokens * sum(mixture.gates.segments) * 4
     assert saved <= reference + gates + tokens * d * 4, (saved, reference)
     hidden_copy = tokens * m * 4
     assert saved < reference + hidden_copy  # not even one extra m-wide tensor
 
 
-# --- expressivity witnesses (DESIGN.md section 1)
+# --- expressivity witnesses (docs/design.md section 1)
 
 
 def _fit(ffn, x, y, steps=600, lr=0.03):

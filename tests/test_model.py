@@ -12,7 +12,7 @@ from conftest import compose_config
 from moa_train.activations import ABBREVIATIONS, ACTIVATIONS, canonical_name, get_activation
 from moa_train.ffn import FFN_REGISTRY
 from moa_train.model import Transformer, apply_rope, rope_tables
-from moa_train.optim import build_optimizer, mark_no_weight_decay, parameter_roles
+from moa_train.optim import build_optimizer, parameter_roles
 
 
 def tiny_model(*overrides, seed=0) -> Transformer:
@@ -97,7 +97,7 @@ def test_parameter_roles_and_adamw_decay_groups():
     model = tiny_model()
     extra = nn.Parameter(torch.zeros(3))
     model.layers[0].ffn.gate = extra
-    mark_no_weight_decay(model.layers[0].ffn, "gate")
+    model.layers[0].ffn.no_weight_decay = ("gate",)  # a module names its undecayed parameters
     roles = parameter_roles(model)
     assert roles["embedding"] == [model.tok_embeddings.weight]
     assert roles["head"] == [model.output.weight]

@@ -11,6 +11,7 @@ ROLES_UNDER_WRAPPERS = r"""
 import json, os, torch, torch.distributed as dist
 from hydra import compose, initialize_config_module
 import moa_train.config
+moa_train.config.register_configs()
 from moa_train.model import Transformer
 from moa_train.optim import parameter_roles
 
@@ -45,7 +46,7 @@ def test_parameter_roles_are_the_same_under_ddp_and_fsdp():
     assert done.returncode == 0, done.stderr[-3000:]
     roles = json.loads(done.stdout.strip().splitlines()[-1])
     plain = roles["plain"]
-    assert plain["mixing"] == ["layers.0.ffn.coefficients.gate_weight", "layers.1.ffn.coefficients.gate_weight"]
+    assert plain["mixing"] == ["layers.0.ffn.gates.weight", "layers.1.ffn.gates.weight"]
     assert plain["head"] == ["output.weight"] and plain["embedding"] == ["tok_embeddings.weight"]
     assert len(plain["matrix"]) == 2 * (4 + 3)
     assert roles["ddp"] == plain

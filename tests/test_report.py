@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,23 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from moa_train.report import Run, compare, find_run_dirs, group_names, read_run, write_report
+from moa_train.report import (
+    UNTUNED,
+    Run,
+    compare,
+    curves_figure,
+    find_run_dirs,
+    format_count,
+    format_lr,
+    group_names,
+    lr_figure,
+    lr_grid,
+    nice_ticks,
+    read_run,
+    scaling_figure,
+    tick_labels,
+    write_report,
+)
 
 
 def _summaries(sweep: Path) -> dict[str, list[float]]:
@@ -197,3 +214,142 @@ def test_sweep_presets_compose():
             assert "swiglu" in params.ffn and "qd_moa" in params.ffn and len(params["optim.lr"].split(",")) >= 3
             assert len(params["train.seed"].split(",")) >= 2
     assert len(cfg.hydra.sweeper.params.model.split(",")) >= 3  # the CPU study spans three sizes
+
+
+# ----------------------------------------------------------------------------- what the figures print
+
+
+def test_counts_read_with_k_and_m_suffixes():
+    assert [format_count(n) for n in (250_000, 1_200_000, 38_712, 774_144, 2e9, 0, 512)] == \
+        ["250k", "1.2M", "38.7k", "774k", "2B", "0", "512"]
+    assert format_count(999_999) == "1M"  # rounding up moves to the next suffix, never "1e+03k"
+
+
+def test_learning_rates_read_in_short_scientific_notation():
+    assert [format_lr(lr) for lr in (4e-3, 0.016, 3e-4, 1e-3, 1.25e-3)] == ["4e-3", "1.6e-2", "3e-4", "1e-3", "1.25e-3"]
+
+
+def test_loss_ticks_are_round_values_inside_the_range():
+    ticks = nice_ticks(3.18, 3.77)
+    assert ticks == [3.2, 3.3, 3.4, 3.5, 3.6, 3.7]
+    assert nice_ticks(3.5512, 3.5562) == [3.552, 3.553, 3.554, 3.555, 3.556]  # a narrow range: finer steps
+    for low, high in ((0.7, 9.3), (3.23, 3.75), (2.001, 2.0049), (1e-4, 4e-4)):
+        ticks = nice_ticks(low, high)
+        assert 2 <= len(ticks) <= 6 and low <= ticks[0] and ticks[-1] <= high
+        step = ticks[1] - ticks[0]
+        mantissa = round(step / 10 ** math.floor(math.log10(step) + 1e-9), 6)  # 0.0999999 reads 1, not 9.99
+        assert mantissa in (1, 2, 2.5, 5), (low, high, ticks)
+    assert tick_labels([3.2, 3.4, 3.6]) == ["3.2", "3.4", "3.6"]
+    assert tick_labels([3.25, 3.5, 3.75]) == ["3.25", "3.50", "3.75"]  # one number of decimals for all
+
+
+def _grid_runs():
+    """swiglu and qd_moa over three LRs and two seeds; qd_moa also diverged at a fourth, higher LR."""
+    runs = [_run(ffn, lr, seed, loss + seed / 100 + offset)
+            for ffn, offset in (("swiglu", 0.0), ("qd_moa", -0.05))
+            for lr, loss in ((4e-3, 3.8), (8e-3, 3.6), (1.6e-2, 3.7)) for seed in (0, 1)]
+    for run in runs:
+        run.curve = [(0, 9.0), (250_000, 4.5), (500_000, 4.0), (1_200_000, run.val_loss)]
+    return runs + [_run("qd_moa", 3.2e-2, 0, float("nan"), status="diverged")]
+
+
+def _close(fig):
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_lr_plot_is_ticked_at_the_rates_run_and_draws_the_baseline_apart():
+    [table] = compare(_grid_runs()).values()
+    assert lr_grid(table) == [4e-3, 8e-3, 1.6e-2, 3.2e-2]  # the diverged rate was run too
+    fig, ax = lr_figure("m", table)
+    try:
+        assert list(ax.get_xticks()) == [4e-3, 8e-3, 1.6e-2, 3.2e-2]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["4e-3", "8e-3", "1.6e-2", "3.2e-2"]
+        assert list(ax.get_xticks(minor=True)) == []  # no unlabelled 10^-2 style minor ticks
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert len(labels) >= 2 and all(len(label.split(".")[-1]) <= 2 for label in labels)
+        handles, names = ax.get_legend_handles_labels()
+        lines = {name: handle.lines[0] for handle, name in zip(handles, names) if hasattr(handle, "lines")}
+        baseline, variant = lines["swiglu (baseline)"], lines["qd_moa"]
+        assert baseline.get_color() == "black" and baseline.get_linestyle() == "--"
+        assert variant.get_color() != "black" and variant.get_linestyle() == "-"
+        assert baseline.get_linewidth() > variant.get_linewidth()
+        assert any("diverged" in name for name in names)
+        assert UNTUNED not in ax.get_title()
+    finally:
+        _close(fig)
+
+
+def test_curves_plot_reads_tokens_with_suffixes():
+    [table] = compare(_grid_runs()).values()
+    fig, ax = curves_figure("m", table)
+    try:
+        fig.canvas.draw()
+        formatter = ax.xaxis.get_major_formatter()
+        assert formatter(250_000, 0) == "250k" and formatter(1_200_000, 0) == "1.2M"
+        labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert labels and all(label == "0" or label[-1] in "kM" for label in labels)
+        assert "swiglu (baseline, lr 8e-3)" in ax.get_legend_handles_labels()[1]
+        assert all(float(t.get_text()) == pytest.approx(v) for t, v in zip(ax.get_yticklabels(), ax.get_yticks()))
+    finally:
+        _close(fig)
+
+
+def test_scaling_plot_ticks_round_losses_and_counts():
+    runs = [_run(ffn, 1e-3, 0, loss, model=model, params=params) for model, params, base in
+            (("small", 38_700, 3.75), ("large", 1_200_000, 3.23)) for ffn, loss in (("swiglu", base), ("qd_moa", base))]
+    groups = list(compare(runs).items())
+    fig, ax = scaling_figure(("20 tokens/param", "adamw", "cosine"), groups)
+    try:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["small\n38.7k", "large\n1.2M"]
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert len(labels) >= 2 and all(len(label.split(".")[-1]) <= 2 for label in labels)  # not 3.749, 3.612...
+        assert UNTUNED in ax.get_title()  # every point ran at one learning rate
+    finally:
+        _close(fig)
+
+
+def test_a_one_value_lr_grid_is_flagged_as_not_tuned(tmp_path):
+    runs = [_run(ffn, 1e-3, s, 3.0 + s / 100 + offset) for ffn, offset in (("swiglu", 0), ("qd_moa", -0.1))
+            for s in (0, 1)]
+    report = write_report(runs, tmp_path, [Path("/runs")])
+    text = (tmp_path / "report.md").read_text()
+    assert f"| swiglu | 0.001 ({UNTUNED}) |" in text and f"| qd_moa | 0.001 ({UNTUNED}) |" in text
+    assert f"**{UNTUNED}**: every variant ran at one learning rate only (0.001)" in text
+    assert [v["lr_tuned"] for v in report["groups"][0]["variants"]] == [False, False]
+    [table] = compare(runs).values()
+    fig, ax = lr_figure("m", table)
+    try:
+        assert UNTUNED in ax.get_title() and [t.get_text() for t in ax.get_xticklabels()] == ["1e-3"]
+    finally:
+        _close(fig)
+
+
+def test_a_tuned_grid_is_not_flagged_and_a_lone_untuned_variant_is_named(tmp_path):
+    runs = _grid_runs()
+    write_report(runs, tmp_path, [Path("/runs")])
+    text = (tmp_path / "report.md").read_text()
+    assert f"({UNTUNED})" not in text and f"**{UNTUNED}**" not in text
+    [table] = compare(runs + [_run("one_moa", 8e-3, 0, 3.5)]).values()
+    assert table["one_moa"].lr_tuned is False and table["swiglu"].lr_tuned is True
+    fig, ax = lr_figure("m", table)
+    try:
+        assert "one_moa (LR not tuned)" in ax.get_legend_handles_labels()[1]
+        assert UNTUNED not in ax.get_title()  # the others were tuned
+    finally:
+        _close(fig)
+
+
+@pytest.mark.parametrize("module", ["report", "prepare"])
+def test_help_states_the_defaults(module, capsys):
+    from importlib import import_module
+
+    with pytest.raises(SystemExit) as exit_:
+        import_module(f"moa_train.{module}").main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    if module == "report":
+        assert "(default: report)" in text  # --out
+    else:
+        assert "JSON object (default: off" in text and "(default: none" in text  # --json, the overrides

@@ -32,9 +32,9 @@ import xxhash
 
 from ..errors import DataError
 from .loader import TokenShards
-from .readers import Corpus, _xxh3_file
+from .readers import Corpus, xxh3_file
 from .sources import DATA_SOURCES, cache_root
-from .tokenizer import EOT, _tokenizer_plan, end_of_document_id, load_tokenizer, tokenizer_size, train_tokenizer
+from .tokenizer import EOT, end_of_document_id, load_tokenizer, tokenizer_plan, tokenizer_size, train_tokenizer
 
 logger = logging.getLogger("moa_train")
 
@@ -249,7 +249,7 @@ class PreparedData:
         keys = ("source", "documents", "val_documents", "train_tokens", "val_tokens", "vocab_size", "dtype",
                 "fingerprint", "tokenizer_sha256")
         return {**{k: self.meta[k] for k in keys}, "tokenizer": self.meta["tokenizer"]["kind"],
-                "shards": len(self.meta["shards"]), "cache": str(self.cache_dir)}
+                "shards": len(self.meta["shards"]), "cache": self.cache_dir.name}  # under the cache root
 
 
 def _load_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -278,7 +278,7 @@ def _cache_problem(cache: Path, meta: dict, tokenizer_key: str, verify: str) -> 
     total = sum(e["tokens"] for e in entries) * itemsize
     if verify == "full" or (verify == "auto" and total <= FULL_VERIFY_BYTES):
         for entry in entries:
-            if _xxh3_file(cache / entry["file"]) != entry["xxh3_128"]:
+            if xxh3_file(cache / entry["file"]) != entry["xxh3_128"]:
                 return f"{entry['file']} fails its checksum"
     return None
 
@@ -313,7 +313,7 @@ def prepare_data(data_cfg, vocab_size: int | None, eval_tokens: int, seq_len: in
     """
     source = DATA_SOURCES[data_cfg.source]
     corpus = source.corpus(data_cfg)
-    tokenizer_key, tokenizer_info = _tokenizer_plan(data_cfg, vocab_size)
+    tokenizer_key, tokenizer_info = tokenizer_plan(data_cfg, vocab_size)
     key = hashlib.sha256("|".join(map(str, (
         FORMAT_VERSION, data_cfg.source, corpus.fingerprint, tokenizer_key, eval_tokens, data_cfg.text_key,
         data_cfg.max_documents, data_cfg.shard_tokens))).encode()).hexdigest()[:16]
@@ -332,7 +332,7 @@ def prepare_data(data_cfg, vocab_size: int | None, eval_tokens: int, seq_len: in
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log(f"prepared {data_cfg.name} in {time.perf_counter() - start:.1f}s -> {cache}")
+        log(f"prepared {data_cfg.name} in {time.perf_counter() - start:.1f}s -> {cache.name} in the data cache")
         data = _open_cache(cache, tokenizer_key, data_cfg.verify, built=True)
 
     meta = data.meta

@@ -48,7 +48,7 @@ def file_format(path: Path, default: str | None = None) -> str | None:
     return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), default)
 
 
-def _xxh3_file(path: Path) -> str:
+def xxh3_file(path: Path) -> str:
     digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):
@@ -85,7 +85,7 @@ class FileHashMemo:
                 entry.get("hashed_at_ns", 0) - st.st_mtime_ns > self.RACY_SECONDS * 1e9:
             return entry["xxh3_128"]
         hashed_at = time.time_ns()
-        digest = _xxh3_file(file)
+        digest = xxh3_file(file)
         self.entries[key] = {"stat": stat, "hashed_at_ns": hashed_at, "xxh3_128": digest}
         self.changed = True
         return digest
@@ -205,15 +205,6 @@ def read_text(path: Path, replaced: dict[str, int] | None = None, name: str | No
     return text
 
 
-def read_documents(files: list[Path]) -> list[str]:
-    """The documents of .txt files, as the local source reads them (a lone file is cut into pieces)."""
-    root = Path(os.path.commonpath([f.parent for f in files]))
-    documents = list(_file_documents([(f, TEXT) for f in files], root, "text", {}))
-    if not documents:
-        raise DataError(f"the corpus is empty: {len(files)} file(s) with no text, e.g. '{files[0]}'.")
-    return documents
-
-
 def split_into_pseudo_documents(text: str, size: int = PSEUDO_DOCUMENT_CHARS) -> list[str]:
     """Cut text, in order, into pieces of about `size` characters at blank lines (or spaces if needed)."""
     units = []
@@ -236,7 +227,7 @@ def split_into_pseudo_documents(text: str, size: int = PSEUDO_DOCUMENT_CHARS) ->
     return [p for p in pieces if p.strip()]
 
 
-def _datasets():
+def import_datasets():
     import datasets
 
     datasets.disable_progress_bars()
@@ -256,13 +247,14 @@ def _records(paths: list[Path], fmt: str, text_key: str) -> Iterator[str]:
 
     if paths:
         try:
-            rows = _datasets().load_dataset(fmt, data_files=[str(p) for p in paths], split="train", streaming=True)
+            rows = import_datasets().load_dataset(fmt, data_files=[str(p) for p in paths], split="train",
+                                                  streaming=True)
         except Exception as exc:
             raise DataError(where(0, exc)) from None
-        yield from _texts(rows, text_key, where)
+        yield from text_values(rows, text_key, where)
 
 
-def _texts(rows: Iterable[dict], text_key: str, where: Callable[[int, Exception | None], str]) -> Iterator[str]:
+def text_values(rows: Iterable[dict], text_key: str, where: Callable[[int, Exception | None], str]) -> Iterator[str]:
     """Non-blank string values of `text_key`; a missing or non-string value is a DataError said by `where`."""
     row = -1
     try:
@@ -282,7 +274,7 @@ def _some(paths: list[Path]) -> str:
     return f"'{paths[0]}'" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
 
 
-def _reason(exc: Exception) -> str:
+def error_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().rstrip('.')}"
 
 

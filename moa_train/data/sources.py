@@ -17,9 +17,18 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import expand_path
 from ..errors import ConfigError, DataError
-from .readers import TEXT, Corpus, _datasets, _reason, _texts, file_corpus, file_format, fingerprint_files
+from ..utils import expand_path
+from .readers import (
+    TEXT,
+    Corpus,
+    error_reason,
+    file_corpus,
+    file_format,
+    fingerprint_files,
+    import_datasets,
+    text_values,
+)
 
 logger = logging.getLogger("moa_train")
 
@@ -160,11 +169,11 @@ class HubSource:
 
         def documents() -> Iterator[str]:
             try:
-                rows = _datasets().load_dataset(name, subset, split=split, streaming=data_cfg.streaming,
+                rows = import_datasets().load_dataset(name, subset, split=split, streaming=data_cfg.streaming,
                                                 revision=data_cfg.revision)
             except Exception as exc:
                 raise DataError(
-                    f"datasets.load_dataset could not open {label}: {_reason(exc)}. Without access "
+                    f"datasets.load_dataset could not open {label}: {error_reason(exc)}. Without access "
                     f"to the Hugging Face hub, download the dataset where it is reachable and use data=local "
                     f"data.path=FILES (or data.dataset=LOCAL_DIRECTORY).") from None
             columns = getattr(rows, "column_names", None)
@@ -178,7 +187,7 @@ class HubSource:
                 return (f"{label}: record {row + 1} " + (f"could not be read ({exc})." if exc else
                         f"has no string field '{data_cfg.text_key}'; set data.text_key."))
 
-            yield from _texts(rows, data_cfg.text_key, where)
+            yield from text_values(rows, data_cfg.text_key, where)
 
         return Corpus(
             fingerprint=hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),

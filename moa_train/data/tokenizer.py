@@ -1,6 +1,6 @@
 """Tokenizers: a byte-level BPE trained on the corpus, or one loaded from a file or the hub; their sizes.
 
-resolve_vocab_size gives model.vocab_size for a run without reading the corpus; _tokenizer_plan
+resolve_vocab_size gives model.vocab_size for a run without reading the corpus; tokenizer_plan
 gives the part of the cache key (and of meta.json) that names the tokenizer.
 """
 
@@ -11,9 +11,9 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..config import expand_path
 from ..errors import ConfigError, DataError
-from .readers import _reason
+from ..utils import expand_path
+from .readers import error_reason
 
 EOT = "<|endoftext|>"
 # End-of-document tokens of common pretrained tokenizers (GPT-2, Llama 3, Llama 2/Mistral/T5, Gemma).
@@ -53,7 +53,7 @@ def _tokenizer_from_hub(name: str):
     except Exception as exc:
         raise DataError(
             f"could not load the pretrained tokenizer '{name}' (data.tokenizer.pretrained) from the Hugging Face "
-            f"hub: {_reason(exc)}. Without hub access, fetch its tokenizer.json where the hub is "
+            f"hub: {error_reason(exc)}. Without hub access, fetch its tokenizer.json where the hub is "
             f"reachable and set data.tokenizer.path=FILE instead.") from None
 
 
@@ -120,7 +120,7 @@ def resolve_vocab_size(data_cfg, model_vocab_size: int | None) -> int:
     return model_vocab_size
 
 
-def _tokenizer_plan(data_cfg, vocab_size: int | None) -> tuple[str, dict]:
+def tokenizer_plan(data_cfg, vocab_size: int | None) -> tuple[str, dict]:
     """(cache key part, description) of the tokenizer a preparation uses."""
     tok = data_cfg.tokenizer
     loaded = load_tokenizer(data_cfg)

@@ -1,6 +1,14 @@
-"""Feed-forward blocks: the baselines and the LA / MoA family, all built through `build_ffn`."""
+"""Feed-forward blocks: the baselines and the LA / MoA family, one `FeedForward` built from the registry.
 
-from . import baselines, mixtures  # noqa: F401  (register the variants)
-from .base import FFN, FFN_REGISTRY, build_ffn, ffn_hidden_dim, register_ffn
+- registry.py     FFN_REGISTRY: every `ffn=` option, its type, baseline and activation or mixture
+- feedforward.py  FeedForward: the one forward for dense FFNs and stacked experts; the ffn checks
+- gates.py        Gates: where MoA gates and LA coefficients are computed; gate statistics
+- kernels.py      the fused, recompute-in-backward mixing kernels (product_mix, pair_mix)
+"""
 
-__all__ = ["FFN", "FFN_REGISTRY", "build_ffn", "ffn_hidden_dim", "register_ffn"]
+from .feedforward import FeedForward, build_ffn, validate_ffn_config
+from .gates import Gates, gate_statistics, recording_gate_statistics
+from .registry import FFN_REGISTRY, FFNSpec, ffn_hidden_dim
+
+__all__ = ["FFN_REGISTRY", "FFNSpec", "FeedForward", "Gates", "build_ffn", "ffn_hidden_dim", "gate_statistics",
+           "recording_gate_statistics", "validate_ffn_config"]

@@ -3,7 +3,7 @@
 Shapes: projections `a`, `b` are (N, G, h) for N tokens, G gate groups and h = m / G hidden units
 per group; coefficients are (N, G, n) per token (MoA gates) or (1, G, n) shared by all tokens (LA).
 
-Two functions cover every variant (DESIGN.md section 1):
+Two functions cover every variant (docs/design.md section 1):
 - `product_mix`: P = sum_k c_k sigma_k(a), times Q = sum_l e_l tau_l(b) (`bi`), or times b (`one`),
   or alone (Type-I).
 - `pair_mix`: sum_{k,l} C_kl sigma_k(a) tau_l(b) (`qd`), C stored row-major as k * K2 + l.
@@ -17,14 +17,12 @@ as they are (`kernel=eager`, the reference). Math runs in at least float32 whate
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 
 import torch
 
 from ..activations import ACTIVATIONS, MIXING_VALUE, VALUE_AND_DERIVATIVE
 
-log = logging.getLogger(__name__)
 KERNELS = ("auto", "compiled", "eager")
 Names = tuple[str, ...]
 
@@ -134,11 +132,8 @@ def _pair_backward(grad, a, b, C, names_a: Names, names_b: Names):
 
 @functools.cache
 def _compiled(body):
-    # Each dictionary is one more specialisation of the same body: allow many before dynamo gives up.
-    for limit in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
-    # dynamic=True: one kernel serves training and evaluation batch sizes without recompiling.
+    # Each dictionary is one more specialisation of the same body (parallel.allow_recompiles raises
+    # dynamo's limit for them); dynamic=True: one kernel serves training and evaluation batch sizes.
     return torch.compile(body, dynamic=True, fullgraph=True)
 
 

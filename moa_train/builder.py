@@ -1,0 +1,39 @@
+"""The one build sequence of a model: seeded, initialised, then parallelised for its processes.
+
+Training and `moa-bench` both call `build_model`, so what is timed is what is trained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from .budget import count_parameters
+from .distributed import DistEnv
+from .ffn import FFN_REGISTRY
+from .model import Transformer
+from .parallel import configure_backends, parallelize
+
+
+def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
+    """The run's model on env.device, weights from train.seed (equal on every rank), compiled and
+    wrapped for DDP / FSDP2 as cfg asks (parallel.py)."""
+    configure_backends(env.device)
+    torch.manual_seed(cfg.train.seed)
+    with env.device:
+        model = Transformer(cfg.model, cfg.ffn)
+    model.init_weights()
+    return parallelize(model, env, cfg.train.compile, cfg.train.dtype)
+
+
+def parameter_counts(cfg: DictConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """The model's parameter counts, and those the token budget multiplies: its baseline's unless
+    budget.params_of=own, so a variant and its baseline train on the same tokens. Built on the meta
+    device: no memory, no initialisation."""
+    with torch.device("meta"):
+        counts = count_parameters(Transformer(cfg.model, cfg.ffn))
+        baseline = FFN_REGISTRY[cfg.ffn.name].baseline
+        if cfg.budget.params_of == "own" or baseline == cfg.ffn.name:
+            return counts, counts
+        return counts, count_parameters(Transformer(cfg.model, OmegaConf.create({"name": baseline})))

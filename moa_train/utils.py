@@ -1,0 +1,34 @@
+"""Small helpers with no dependency on the rest of the package: paths and dotted config keys."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def expand_path(path: str) -> str:
+    """`~` expanded, made absolute."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def display_path(path) -> str:
+    """A path as logs show it: relative to the working directory when inside it (committed run
+    records then hold no absolute path of the machine), else absolute."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative.startswith("..") else relative
+
+
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {'dotted.key': value}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a dotted key is one of `prefixes` or inside one of them."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
