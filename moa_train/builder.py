@@ -19,7 +19,7 @@ from .parallel import configure_backends, parallelize
 def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     """The run's model on env.device, weights from train.seed (equal on every rank), compiled and
     wrapped for DDP / FSDP2 as cfg asks (parallel.py)."""
-    configure_backends(env.device)
+    configure_backends(env.device, cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     with env.device:
         model = Transformer(cfg.model, cfg.ffn)
@@ -34,6 +34,6 @@ def parameter_counts(cfg: DictConfig) -> tuple[dict[str, int], dict[str, int]]:
     with torch.device("meta"):
         counts = count_parameters(Transformer(cfg.model, cfg.ffn))
         baseline = FFN_REGISTRY[cfg.ffn.name].baseline
-        if cfg.budget.params_of == "own" or baseline == cfg.ffn.name:
+        if cfg.budget.params_of == "own" or (baseline == cfg.ffn.name and not cfg.ffn.get("match_params_of")):
             return counts, counts
         return counts, count_parameters(Transformer(cfg.model, OmegaConf.create({"name": baseline})))

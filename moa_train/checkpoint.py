@@ -25,12 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-from .config import NOT_THE_RUN
+from .config import NOT_THE_RUN, flat_with_defaults
 from .distributed import DistEnv, barrier
 from .errors import UserError
-from .utils import flatten, under
+from .utils import under
 
 
 def _quiet_single_process(fn, *args, **kwargs):
@@ -99,8 +104,9 @@ def read_meta(path: Path) -> dict:
 
 def config_differences(saved: dict, current: dict, only: tuple[str, ...] | None = MUST_MATCH,
                        ignore: tuple[str, ...] = ()) -> list[str]:
-    """'key: saved -> current' for every differing key under `only` (None: all keys) and not under `ignore`."""
-    old, new = flatten(saved), flatten(current)
+    """'key: saved -> current' for every differing key under `only` (None: all keys) and not under `ignore`.
+    Keys the schema gained since `saved` was written count at their defaults."""
+    old, new = flat_with_defaults(saved), flat_with_defaults(current)
     keys = {k for k in old.keys() | new.keys() if (only is None or under(k, only)) and not under(k, ignore)}
     return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in sorted(keys)
             if old.get(k) != new.get(k)]
@@ -177,3 +183,30 @@ class Checkpointer:
             _set_rng_state(torch.load(rng, weights_only=False))
         self.last_saved_step = meta["step"]
         return meta
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint a path names: itself (a complete step-<N> directory) or a run directory's newest."""
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if is_complete(path):
+        return path
+    if STEP_DIR.match(path.name) and path.is_dir():
+        raise CheckpointError(f"'{path}' is not a complete checkpoint (no {META} or .metadata); it may be "
+                              "half-written.")
+    found = complete_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"'{path}' holds no complete checkpoint ({CHECKPOINT_DIR}/step-<N>): train the run with "
+                              "train.ckpt_at_end=true (the default), or name a checkpoint directory.")
+    return found[-1]
+
+
+def load_model_state(path: Path, model: torch.nn.Module) -> None:
+    """The model weights of a checkpoint alone (no optimizer, no RNG), resharded to this process's model:
+    a checkpoint written by any number of processes loads into one."""
+    state = {"model": get_model_state_dict(model)}
+    try:
+        _quiet_single_process(dcp.load, state, checkpoint_id=str(path))
+    except Exception as exc:  # DCP raises several types for missing or mismatched entries
+        raise CheckpointError(f"checkpoint '{path}' cannot be loaded into this model "
+                              f"({type(exc).__name__}: {str(exc)[:400]}).") from None
+    set_model_state_dict(model, state["model"])

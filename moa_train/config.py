@@ -7,6 +7,7 @@ choice checks live in `validate_config`, which runs before any data is read or m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, check_choice, check_fraction, check_positive
-from .utils import under
+from .ffn.registry import unused_keys
+from .utils import flatten, under
 
 
 @dataclass
@@ -62,8 +64,14 @@ class FFNConfig:
     gate: str = "sigmoid"  # MoA gate function phi: sigmoid | tanh | softmax | linear
     gate_bias: bool = False
     gate_groups: int = 1  # gates per token per entry: one per group of hidden units
-    init: str = "uniform"  # uniform | baseline (start exactly as relu2 / swiglu)
+    # baseline: start exactly as relu2 / swiglu (the default since docs/results/typeI_ablation) | normalized: each
+    # segment of gates starts summing to 1 | uniform: every gate at phi(0) (sigmoid: 0.5, a K-entry mixture sums to K/2)
+    init: str = "baseline"
+    gate_init_std: float = 0.0  # MoA gate weights U ~ N(0, std^2); 0: zeros, so the gates start input-independent
     kernel: str = "auto"  # auto | compiled | eager: how the mixing is run (see ffn/kernels.py)
+    # relu2 / swiglu only: widen the hidden layer to hold at least this variant's parameters (the
+    # parameter-matched control, e.g. swiglu with match_params_of=qd_moa); None: the usual width
+    match_params_of: str | None = None
 
 
 @dataclass
@@ -129,9 +137,10 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"  # shakespeare | pydocs | local | hf (see docs/data.md)
+    source: str = "shakespeare"  # shakespeare | pydocs | local | hf | mixture (see docs/data.md)
     name: str = "shakespeare"  # the corpus: the source's name, or for hf the hub dataset (HuggingFaceFW/fineweb-edu)
     path: str | None = None  # local: a file, directory or glob; pydocs: where the package was extracted
+    parts: list[str] | None = None  # mixture: offline sources (shakespeare, pydocs) and local paths, read as one
     text_key: str = "text"  # the text field of .jsonl/.json/.parquet records and hub datasets
     subset: str | None = None  # hf: its configuration, e.g. sample-10BT
     split: str = "train"  # hf
@@ -183,11 +192,15 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool | None = None  # None: on for CUDA, off on CPU (no gain at small CPU sizes)
     progress: bool = True
+    threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
     peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs, no MFU on CPU
     ckpt_every: int | None = 1000  # steps between checkpoints; None: only at the end and on SIGTERM/SIGUSR1
     ckpt_at_end: bool = True
     keep_checkpoints: int | None = 3  # newest complete checkpoints kept; None: all
     resume: str = "auto"  # auto: newest complete checkpoint of the run directory | never | a checkpoint path
+    # A checkpoint (or a run directory: its newest) or a moa-export directory whose weights a new run starts
+    # from (continual pretraining, a decay branch); model and ffn must match, the optimizer starts fresh
+    init_from: str | None = None
 
 
 @dataclass
@@ -207,9 +220,9 @@ class RunConfig:
 # Keys that do not change what a run computes: a finished run with other values is the same run
 # (train.py skips it; the run directory's name leaves them out, so rerunning with other values
 # finds it), and runs that differ only there are compared (moa-report). A key covers its subkeys.
-NOT_THE_RUN = ("train.progress", "train.resume", "train.ckpt_every", "train.ckpt_at_end", "train.keep_checkpoints",
-               "train.log_every", "train.peak_tflops", "logger", "dry_run", "dist", "sweep", "hydra",
-               "data.cache_dir", "data.verify")
+NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
+               "train.keep_checkpoints", "train.log_every", "train.peak_tflops", "logger", "dry_run", "dist", "sweep",
+               "hydra", "data.cache_dir", "data.verify")
 
 
 def run_name(overrides) -> str:
@@ -246,6 +259,21 @@ def compose_run_config(overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_module(config_module="moa_train.conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+@functools.cache
+def _schema_leaves() -> dict[str, Any]:
+    return {k: v for k, v in flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig))).items() if v != MISSING}
+
+
+def flat_with_defaults(recorded: dict) -> dict[str, Any]:
+    """A recorded config as {'dotted.key': value}, with every key the schema gained since it was written at
+    its default (a run recorded before a key existed compares equal to one that leaves the key at its default),
+    and without the ffn keys its FFN does not read (a relu2 run is the same whatever ffn.init says)."""
+    flat = flatten(recorded)
+    flat = {**{k: v for k, v in _schema_leaves().items() if k not in flat}, **flat}
+    unused = {f"ffn.{key}" for key in unused_keys(str(flat.get("ffn.name")))}  # e.g. ffn.init of relu2
+    return {k: v for k, v in flat.items() if k not in unused}
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -366,7 +394,7 @@ def _check_train(t: DictConfig) -> None:
     check_positive("train.keep_checkpoints", t.keep_checkpoints)
     check_positive("train.peak_tflops", t.peak_tflops)
     for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_every", "eval_tokens", "log_every",
-                "ckpt_every"):
+                "ckpt_every", "threads"):
         check_positive(f"train.{key}", t[key])
     if t.device.split(":")[0] not in DEVICES:
         raise ConfigError("train.device", f"unknown value '{t.device}'.", "auto, cpu, cuda, cuda:N")

@@ -40,29 +40,42 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # the keys and values of every earlier position, this step's appended
+            k, v = cache.update(k, v, layer)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, **causal_mask(T, k.shape[2], x.device))
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def causal_mask(queries: int, keys: int, device) -> dict:
+    """SDPA's masking for `queries` new positions after `keys - queries` cached ones."""
+    if queries == keys:
+        return {"is_causal": True}
+    if queries == 1:
+        return {}  # one new position sees every cached one
+    return {"attn_mask": torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)}
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FeedForward | MoE):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, norm_eps: float, ffn: FeedForward | MoE,
+                 layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # its slot in a key/value cache
         self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, n_kv_heads)
         self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, self.layer_id)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -74,8 +87,8 @@ class Transformer(nn.Module):
         n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
         self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, dim)
         self.layers = nn.ModuleList(
-            Block(dim, model_cfg.n_heads, n_kv_heads, model_cfg.norm_eps, self._ffn(model_cfg, ffn_cfg))
-            for _ in range(model_cfg.n_layers)
+            Block(dim, model_cfg.n_heads, n_kv_heads, model_cfg.norm_eps, self._ffn(model_cfg, ffn_cfg), layer_id)
+            for layer_id in range(model_cfg.n_layers)
         )
         self.norm = nn.RMSNorm(dim, eps=model_cfg.norm_eps)
         self.output = nn.Linear(dim, model_cfg.vocab_size, bias=False)
@@ -105,13 +118,26 @@ class Transformer(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V), or the mean cross-entropy when targets are given."""
-        cos, sin = rope_tables(tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta,
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute every buffer that checkpoints do not hold (after loading into uninitialised memory)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Logits (B, T, V), or the mean cross-entropy when targets are given.
+
+        `cache`: for generation, the keys and values of the positions before `tokens`, extended in place;
+        anything with `update(k, v, layer) -> (k, v)` and `get_seq_length()` (generate.KVCache, or a
+        transformers DynamicCache)."""
+        start = cache.get_seq_length() if cache is not None else 0
+        cos, sin = rope_tables(start + tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta,
                                tokens.device)
+        cos, sin = cos[start:], sin[start:]
         h = self.tok_embeddings(tokens)
         for block in self.layers:
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, cache)
         logits = self.output(self.norm(h))
         if targets is None:
             return logits

@@ -26,7 +26,9 @@ def autocast_context(device: torch.device, dtype: str, mode: str = "none"):
     return contextlib.nullcontext()
 
 
-def configure_backends(device: torch.device) -> None:
+def configure_backends(device: torch.device, threads: int | None = None) -> None:
+    if threads:  # parallel sweep jobs share the cores: one thread each instead of all cores each
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left on GPU
         torch.backends.cudnn.allow_tf32 = True

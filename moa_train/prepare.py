@@ -34,7 +34,7 @@ def format_summary(data, seconds: float) -> str:
     tokenizer = meta["tokenizer"]
     kind = ("byte-level BPE trained on the corpus" if tokenizer["kind"] == "bpe"
             else f"{tokenizer['kind']} {tokenizer['name']}")
-    where = meta.get("dataset") or meta.get("root")
+    where = meta.get("dataset") or meta.get("root") or " + ".join(meta.get("parts", []))
     files = f", {meta['file_count']} files" if "file_count" in meta else ""
     lines = [
         (f"prepared in {seconds:.1f}s" if data.built else f"already prepared (cache checked in {seconds:.2f}s; "

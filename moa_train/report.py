@@ -33,13 +33,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .config import NOT_THE_RUN
+from .config import NOT_THE_RUN, FFNConfig, flat_with_defaults
 from .ffn import FFN_REGISTRY
 from .metrics import read_summary
-from .utils import flatten, under
+from .utils import under
+from .zero_shot import PAPER_TASKS
 
 # ffn keys that make two runs of the same ffn name different variants
-VARIANT_KEYS = ("dict", "up_dict", "gate", "gate_bias", "gate_groups", "init")
+VARIANT_KEYS = ("dict", "up_dict", "gate", "gate_bias", "gate_init_std", "gate_groups", "init", "match_params_of")
 
 
 @dataclass
@@ -72,7 +73,9 @@ class Run:
     def variant(self) -> str:
         """The ffn name, plus its non-default keys (e.g. `qd_moa[gate=tanh]`)."""
         defaults = _ffn_defaults(self.ffn)
-        changed = [f"{k}={_short(self.config['ffn'].get(k))}" for k in VARIANT_KEYS
+        spec = FFN_REGISTRY.get(self.ffn)
+        keys = ("match_params_of",) if spec is not None and spec.is_baseline else VARIANT_KEYS  # the rest: unused
+        changed = [f"{k}={_short(self.config['ffn'].get(k))}" for k in keys
                    if k in defaults and k in self.config["ffn"] and self.config["ffn"][k] != defaults[k]]
         return self.ffn + (f"[{','.join(changed)}]" if changed else "")
 
@@ -87,7 +90,7 @@ class Run:
     @property
     def setting(self) -> dict[str, object]:
         """Every config key that must be equal for two runs to be compared (dotted keys)."""
-        return {k: v for k, v in flatten(self.config).items() if not under(k, NOT_COMPARED)}
+        return {k: v for k, v in flat_with_defaults(self.config).items() if not under(k, NOT_COMPARED)}
 
     @property
     def group(self) -> tuple:
@@ -115,11 +118,13 @@ _DEFAULTS: dict[str, dict] = {}
 
 
 def _ffn_defaults(name: str) -> dict:
+    """What `ffn=name` sets today: the schema's defaults under conf/ffn/<name>.yaml."""
     if name not in _DEFAULTS:
         from importlib.resources import files
 
         path = files("moa_train.conf") / "ffn" / f"{name}.yaml"
-        _DEFAULTS[name] = OmegaConf.to_container(OmegaConf.load(str(path))) if path.is_file() else {}
+        preset = OmegaConf.to_container(OmegaConf.load(str(path))) if path.is_file() else {}
+        _DEFAULTS[name] = {**OmegaConf.to_container(OmegaConf.structured(FFNConfig)), **preset} if preset else {}
     return _DEFAULTS[name]
 
 
@@ -523,6 +528,63 @@ def scaling_figure(setting: tuple, groups: list[tuple[tuple, dict[str, VariantRe
     return fig, ax
 
 
+def gates_figure(title: str, gates: dict):
+    """(figure, heatmap axes): the mean gate of every layer and dictionary entry (a layer-by-entry heatmap),
+    then one histogram per entry over the validation tokens, a line per layer (gates.json of gate_report.py)."""
+    layers = list(gates["layers"])
+    entries = gates["layers"][layers[0]]["entries"]
+    cols = min(4, len(entries))
+    rows = -(-len(entries) // cols)
+    fig = _plt().figure(figsize=(3.2 * cols, 1.2 + 0.35 * len(layers) + 2.3 * rows))
+    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[0.9 + 0.3 * len(layers)] + [2.0] * rows)
+    heat = fig.add_subplot(grid[0, :])
+    means = [[gates["layers"][layer]["mean"][k] for k in range(len(entries))] for layer in layers]
+    image = heat.imshow(means, aspect="auto", cmap="viridis")
+    for i, row in enumerate(means):
+        for k, value in enumerate(row):
+            heat.text(k, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                      color="white" if value < (min(map(min, means)) + max(map(max, means))) / 2 else "black")
+    heat.set_xticks(range(len(entries)), entries, fontsize=8)
+    heat.set_yticks(range(len(layers)), layers, fontsize=8)
+    heat.set_title(f"{title}\nmean gate per layer and activation (over {gates['tokens']:,} validation tokens)",
+                   fontsize=9)
+    fig.colorbar(image, ax=heat, fraction=0.03, pad=0.01)
+    for k, entry in enumerate(entries):
+        ax = fig.add_subplot(grid[1 + k // cols, k % cols])
+        for layer in layers:
+            histogram = gates["layers"][layer]["histogram"]
+            edges, counts = histogram["edges"], histogram["counts"][k]
+            total = sum(counts) or 1
+            ax.plot([(a + b) / 2 for a, b in zip(edges, edges[1:])], [c / total for c in counts], label=layer,
+                    linewidth=1.2)
+        ax.set_title(f"gate of {entry}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if k % cols == 0:
+            ax.set_ylabel("share of tokens", fontsize=8)
+        if k == 0 and len(layers) > 1:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig, heat
+
+
+def plot_gates(results: dict[tuple, dict[str, VariantResult]], names: dict, out: Path) -> dict[tuple, list[Path]]:
+    """Per group, a gate figure for each MoA variant whose best-LR runs hold gates.json (the lowest seed's)."""
+    from .gate_report import read_gates
+
+    paths = defaultdict(list)
+    for group, table in results.items():
+        title_head = f"{group[0]}, {group[1]}"
+        for variant, result in table.items():
+            gates = next((g for run in sorted(result.runs, key=lambda r: r.seed)
+                          if (g := read_gates(run.path)) and g.get("layers")), None)
+            if gates is None:
+                continue
+            variant_slug = "".join(c if c.isalnum() or c in "_-" else "_" for c in variant)
+            fig, _ = gates_figure(f"{title_head}: {variant} at lr {format_lr(result.best_lr)}", gates)
+            paths[group].append(_save(fig, out / f"gates_{names[group][1]}_{variant_slug}.png"))
+    return paths
+
+
 def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> list[Path]:
     """Terminal loss against total parameters, one plot per (budget, optimizer, schedule) with several sizes."""
     by_setting: dict[tuple, list[tuple[tuple, dict]]] = defaultdict(list)
@@ -558,6 +620,93 @@ def _lr_cell(result: VariantResult, lr: float) -> str:
     if lr in result.diverged:
         cells.append(f"*diverged {result.diverged[lr]}*")
     return " ".join(cells) or "-"
+
+
+def loss_at(result: VariantResult, lr: float) -> float | str | None:
+    """Mean terminal loss at a learning rate of the grid (to 1% of it): a float, 'diverged', or None if not run."""
+    for tried, losses in result.by_lr.items():
+        if math.isclose(tried, lr, rel_tol=0.01):
+            return statistics.fmean(losses)
+    return "diverged" if any(math.isclose(t, lr, rel_tol=0.01) for t in result.diverged) else None
+
+
+def lr_tolerance(result: VariantResult) -> dict[str, float | str | None]:
+    """How much the loss rises at half and at twice the best learning rate, relative to the loss at it:
+    {'half': 0.012, 'double': 'diverged', ...}; None where that rate was not run."""
+    out = {}
+    for name, factor in (("half", 0.5), ("double", 2.0)):
+        loss = loss_at(result, result.best_lr * factor)
+        out[name] = loss if loss is None or isinstance(loss, str) else (loss - result.mean) / result.mean
+    return out
+
+
+def _tolerance_cell(value) -> str:
+    return "-" if value is None else value if isinstance(value, str) else f"{value:+.2%}"
+
+
+def tolerance_lines(table: dict[str, VariantResult]) -> list[str]:
+    """The learning-rate tolerance table of a group: each variant's best LR against its baseline's, and the
+    loss at half and twice its best LR (relative to its loss at the best), beside the baseline's."""
+    rows = []
+    for variant, r in table.items():
+        base = table.get(r.baseline)
+        if base is None or r is base:
+            continue
+        mine, theirs = lr_tolerance(r), lr_tolerance(base)
+        rows.append(f"| {variant} | {r.best_lr:g} | {r.best_lr / base.best_lr:.3g}x | {_tolerance_cell(mine['half'])} "
+                    f"| {_tolerance_cell(mine['double'])} | {r.baseline} at {base.best_lr:g}: "
+                    f"{_tolerance_cell(theirs['half'])} / {_tolerance_cell(theirs['double'])} |")
+    if not rows:
+        return []
+    return ["", "Learning-rate tolerance: each variant's best LR against its baseline's, and how much its loss rises "
+            "at half and at twice its best LR (relative to its loss there; *-*: that rate was not run), beside "
+            "the same for the baseline:", "",
+            "| variant | best LR | vs baseline's best | at ½× best | at 2× best | baseline: ½× / 2× |",
+            "|---|---:|---:|---:|---:|---|", *rows]
+
+
+PREFERRED_METRICS = ("acc_norm", "acc")  # per task, the first that lm-eval reported
+
+
+def downstream_scores(table: dict[str, VariantResult]) -> tuple[list[tuple[str, str]], dict[str, dict]]:
+    """([(task, metric)], {variant: {task: mean score over the best-LR seeds that hold eval.json}})."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    metrics: dict[str, str] = {}
+    for variant, result in table.items():
+        for run in result.runs:
+            try:
+                rows = json.loads((run.path / "eval.json").read_text()).get("results", [])
+            except (OSError, ValueError):
+                continue
+            by_task: dict[str, dict[str, float]] = defaultdict(dict)
+            for row in rows:
+                if row.get("num_fewshot", 0) == 0:  # the paper's table is zero-shot
+                    by_task[row["task"]][row["metric"]] = row["value"]
+            for task, values in by_task.items():
+                metric = metrics.setdefault(task, next((m for m in PREFERRED_METRICS if m in values), min(values)))
+                if metric in values:
+                    scores.setdefault(variant, {}).setdefault(task, []).append(values[metric])
+    order = sorted(metrics, key=lambda t: (t not in PAPER_TASKS, PAPER_TASKS.index(t) if t in PAPER_TASKS else 0, t))
+    means = {v: {t: statistics.fmean(x) for t, x in tasks.items()} for v, tasks in scores.items()}
+    return [(t, metrics[t]) for t in order], means
+
+
+def downstream_lines(table: dict[str, VariantResult]) -> tuple[list[str], dict]:
+    """The zero-shot table of a group, as the paper's: task by variant, and the average over tasks."""
+    tasks, means = downstream_scores(table)
+    if not means:
+        return [], {}
+    head = " | ".join(f"{task} ({metric})" for task, metric in tasks)
+    lines = ["", "Zero-shot evaluation (moa-eval; the mean over the best-LR seeds that were evaluated; *average*: "
+             "over the tasks every variant has):", "", f"| variant | {head} | average |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    shared = [t for t, _ in tasks if all(t in m for m in means.values())]
+    averages = {v: statistics.fmean(m[t] for t in shared) if shared else None for v, m in means.items()}
+    for variant, values in means.items():
+        cells = [f"{100 * values[t]:.2f}" if t in values else "-" for t, _ in tasks]
+        average = "-" if averages[variant] is None else f"{100 * averages[variant]:.2f}"
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {average} |")
+    return lines, {v: {**m, "average": averages[v]} for v, m in means.items()}
 
 
 def _best_lr_cell(result: VariantResult) -> str:
@@ -596,6 +745,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
              f"only is marked *{UNTUNED}*: its loss is not at a tuned rate.", ""]
     report = {"groups": [], "problems": []}
     names = group_names(results)
+    gate_plots = plot_gates(results, names, out)
     for group, table in results.items():
         model, budget, optim, schedule = group[:4]
         extra, slug = names[group]
@@ -614,10 +764,17 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
                   "| variant | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---:|" * len(lrs)]
         for variant, r in table.items():
             lines.append(f"| {variant} | " + " | ".join(_lr_cell(r, lr) for lr in lrs) + " |")
+        lines += tolerance_lines(table)
+        downstream, downstream_json = downstream_lines(table)
+        lines += downstream
         title = f"{model}, {budget}" + (f" ({extra})" if extra else "")
         curves, lr_plot = plot_curves(title, slug, table, out), plot_lr(title, slug, table, out)
         lines += ["", f"![validation loss against tokens]({curves.name})", "", f"![terminal loss against LR]"
                   f"({lr_plot.name})", ""]
+        if gate_plots.get(group):
+            lines += ["What the gates learned, at each MoA variant's best LR (lowest seed; `moa-gates RUN_DIR` prints "
+                      "the tables, with the tokens that drive each gate):", ""]
+            lines += [f"![gates]({p.name})" for p in gate_plots[group]] + [""]
         report["groups"].append({"model": model, "budget": budget, "optim": optim, "schedule": schedule,
                                  "distinguished_by": extra,
                                  "variants": [{"variant": v, "ffn": r.ffn, "baseline": r.baseline,
@@ -625,10 +782,14 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
                                                "lr_tuned": r.lr_tuned,
                                                "terminal_loss": r.mean, "std": r.std, "losses": r.losses,
                                                "relative": r.relative, "beyond_seeds": r.separated,
+                                               "lr_tolerance": lr_tolerance(r),
+                                               "best_lr_vs_baseline": (r.best_lr / table[r.baseline].best_lr
+                                                                       if r.baseline in table else None),
                                                "by_lr": {str(k): v2 for k, v2 in r.by_lr.items()},
                                                "diverged_by_lr": {str(k): n for k, n in r.diverged.items()},
                                                "params": r.params, "tokens": r.tokens} for v, r in table.items()],
-                                 "plots": [curves.name, lr_plot.name]})
+                                 "downstream": downstream_json,
+                                 "plots": [curves.name, lr_plot.name, *(p.name for p in gate_plots.get(group, []))]})
     scaling = plot_scaling(results, out)
     if scaling:
         lines += ["## Across model sizes", ""]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -38,12 +37,15 @@ from .distributed import (
     shutdown,
 )
 from .errors import DataError, UserError
-from .ffn import gate_statistics, recording_gate_statistics
+from .evaluation import evaluate
+from .ffn import GateDetail, Gates, gate_entry_names, mean_gates
+from .gate_report import GATES_FILE, gate_summary
 from .metrics import MetricLoggers, read_summary, write_summary
 from .moe import expert_load_statistics, update_load_balance
 from .optim import build_optimizer, set_lr
 from .parallel import autocast_context, clip_grad_norm, gradient_sync, unwrap
 from .schedule import lr_multiplier
+from .trained import load_initial_weights, weights_source
 from .utils import display_path
 
 log = logging.getLogger("moa_train")
@@ -117,6 +119,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         check_compatible(checkpoint, meta, config)
     elif cfg.train.resume == "never" and env.is_main and (moved := set_aside(run_dir)):
         log.warning("train.resume=never: the earlier checkpoints of %s were moved to %s", run_dir, moved)
+    initial = initial_weights(cfg, config) if cfg.train.init_from and not meta else None
 
     model = build_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optim)
@@ -126,6 +129,9 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         checkpointer.load(checkpoint, model, optimizer.optimizers)
         state = RunState.from_checkpoint(meta)
         log.info("resumed from %s (step %d)", checkpoint, state.step)
+    elif initial:
+        load_initial_weights(initial, model)
+        log.info("weights from %s (train.init_from); the optimizer starts fresh", initial)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if env.is_main:  # the run records the tokenizer its tokens were made with
@@ -141,6 +147,8 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
     elif cfg.train.eval_at_start and not meta:
         trainer.log_start()
     trainer.fit()
+    if state.status == "completed":
+        trainer.write_gate_analysis(data.tokenizer_path)
     summary = trainer.summary()
     if env.is_main:
         write_summary(run_dir, summary)
@@ -158,6 +166,16 @@ def finished_summary(run_dir: Path, config: dict, steps: int) -> dict | None:
     if summary.get("status") != "completed" or summary.get("steps") != steps or "config" not in summary:
         return None
     return None if config_differences(summary["config"], config, only=None, ignore=NOT_THE_RUN) else summary
+
+
+def initial_weights(cfg: DictConfig, config: dict) -> Path:
+    """The checkpoint or export that train.init_from names, refused unless its model and ffn are this run's."""
+    source, trained_with = weights_source(cfg.train.init_from)
+    if differences := config_differences(trained_with, config, only=("model", "ffn")):
+        raise UserError(f"train.init_from: '{source}' holds a model of another shape, so its weights cannot start "
+                        f"this run. Differing keys: {'; '.join(differences)}. Data, schedule and optimizer may "
+                        f"differ; model and ffn must not.")
+    return source
 
 
 def load_data(cfg: DictConfig, env: DistEnv) -> PreparedData:
@@ -284,7 +302,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """The evaluation columns of a metrics row: val_loss, and the gate and expert-load statistics."""
-        self.state.val_loss, gates = evaluate(self.model, self.val_batches, self.env, self.autocast)
+        self.state.val_loss, gates = self.validation()
         row = {"val_loss": self.state.val_loss}
         if gates:
             row["mix"] = gates
@@ -295,7 +313,7 @@ class Trainer:
     def log_start(self) -> None:
         """The row before training, as nanoGPT's iter 0: the untrained model's losses on the validation set and on
         the first step's samples; no step has run, so there is no throughput or gradient norm."""
-        self.state.initial_val_loss, gates = evaluate(self.model, self.val_batches, self.env, self.autocast)
+        self.state.initial_val_loss, gates = self.validation()
         self.state.val_loss = self.state.initial_val_loss
         self.model.eval()  # measured, not trained on: MoE load statistics and balance losses stay untouched
         with torch.no_grad(), self.autocast:
@@ -306,6 +324,27 @@ class Trainer:
                           "train_loss": mean_across_ranks(first_loss).item(), "grad_norm": None, "tokens_per_s": None,
                           "val_loss": self.state.val_loss, "elapsed_s": self.state.elapsed(),
                           **({"mix": gates} if gates else {})})
+
+    def validation(self) -> tuple[float, dict]:
+        """The validation loss and the mean gate per layer and dictionary entry."""
+        loss, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast)
+        return loss, mean_gates(recorders, gate_entry_names(unwrap(self.model)))
+
+    def write_gate_analysis(self, tokenizer_path: Path) -> None:
+        """gates.json (gate_report.py): the gates' distributions over the validation set and the tokens that
+        drive them, for a model with MoA gates; one more pass over the validation set."""
+        model = unwrap(self.model)
+        if not any(isinstance(m, Gates) and m.mixture == "moa" for m in model.modules()):
+            return  # baselines and LA: no token-dependent gates
+        from tokenizers import Tokenizer
+
+        detail = GateDetail(vocab_size=self.cfg.model.vocab_size)
+        _, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast, detail)
+        if self.env.is_main:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+            summary = gate_summary(recorders, gate_entry_names(model), lambda i: tokenizer.decode([i]),
+                                   self.state.step)
+            (self.checkpointer.root.parent / GATES_FILE).write_text(json.dumps(summary, indent=1))
 
     def save_checkpoint(self) -> None:
         saved, step = time.perf_counter(), self.state.step
@@ -323,26 +362,3 @@ class Trainer:
             "steps": state.step, "planned_steps": plan.steps, "resumed_from": state.resumed_from,
             "plan": plan.as_dict(), "wall_s": state.elapsed(), "data": self.data.summary(), "config": self.config,
         }
-
-
-@torch.no_grad()
-def evaluate(model, batches, env: DistEnv, autocast) -> tuple[float, dict]:
-    """Mean validation loss over every token of the fixed set, and the mean gate values per layer.
-
-    Each rank takes an equal share of the sequences (the last share padded with weight-0 copies, so
-    every rank runs the same number of forward passes, as FSDP needs).
-    """
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, token count
-    with recording_gate_statistics(model):
-        for x, y, weight in batches:
-            x, y, weight = x.to(env.device), y.to(env.device), weight.to(env.device)
-            with autocast:
-                logits = model(x)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-            total[0] += (losses.sum(1) * weight).sum().double()
-            total[1] += (weight * y.shape[1]).sum().double()
-    if env.is_distributed:
-        torch.distributed.all_reduce(total)
-    model.train()
-    return (total[0] / total[1]).item(), gate_statistics(unwrap(model))  # names without DDP's module.

@@ -29,8 +29,8 @@ def test_every_option_composes_and_validates(group, tmp_path):
         validate_config(cfg)
         if "source" in cfg[group]:  # data: the option picks the source; data.name names the corpus
             assert cfg[group].source == option
-        elif "name" in cfg[group]:
-            assert cfg[group].name == option
+        elif "name" in cfg[group]:  # a parameter-matched preset names the baseline it widens
+            assert cfg[group].name == option or option == f"{cfg[group].name}_match_{cfg[group].match_params_of}"
 
 
 @pytest.mark.parametrize("model", group_options("model"))
@@ -38,7 +38,8 @@ def test_every_option_composes_and_validates(group, tmp_path):
 def test_every_model_with_every_ffn_composes(model, ffn):
     cfg = compose_config(f"model={model}", f"ffn={ffn}")
     validate_config(cfg)
-    assert cfg.model.name == model and cfg.ffn.name == ffn
+    assert cfg.model.name == model
+    assert cfg.ffn.name == ffn or ffn == f"{cfg.ffn.name}_match_{cfg.ffn.match_params_of}"  # a matched preset
     assert isinstance(cfg.model.dim, int) and cfg.model.dim > 0
 
 
@@ -200,6 +201,22 @@ def test_cli_same_command_same_run_directory(tmp_path):
     assert [r["step"] for r in rows] == [0, 5]  # trained once, by the first command (log_every=10)
 
 
+def test_an_extended_sweep_finds_its_finished_runs(tmp_path):
+    """Sweep job directories carry no job number: adding a learning rate to a grid trains only the new point."""
+    sweep = tmp_path / "sweep"
+    common = ("-m", "model=tiny", "train.max_steps=2", "train.batch_size=2", "train.seq_len=32",
+              "train.eval_tokens=256", "train.progress=false", f"hydra.sweep.dir={sweep}")
+    assert run_cli(*common, "optim.lr=1e-3").returncode == 0
+    [first] = [p for p in sweep.iterdir() if p.is_dir()]
+    assert first.name.startswith("model=tiny,optim.lr=0.001,")  # no job number in front
+    stamp = (first / "summary.json").stat().st_mtime_ns
+    extended = run_cli(*common, "optim.lr=2e-3,1e-3")
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == sorted([first.name, first.name.replace("optim.lr=0.001", "optim.lr=0.002")])
+    assert (first / "summary.json").stat().st_mtime_ns == stamp and "already complete" in extended.stderr
+
+
 def test_dry_run_and_refused_config_leave_no_run_directory(tmp_path):
     assert run_cli("model=tiny", "ffn=moa1", "dry_run=true", cwd=tmp_path).returncode == 0
     refused = run_cli("model=tiny", "optim.lr=-1", cwd=tmp_path)
@@ -211,3 +228,30 @@ def test_unknown_dist_mode_is_refused():
     cfg = compose_config("dist.name=horovod")
     with pytest.raises(ConfigError, match="Accepted: auto, none, ddp, fsdp"):
         validate_config(cfg)
+
+
+def test_a_run_recorded_before_a_key_existed_is_the_same_run_at_that_keys_default():
+    """Runs written before the schema gained a key (e.g. ffn.match_params_of) are neither retrained nor
+    regrouped: a missing key counts at its default, and only there."""
+    from moa_train.checkpoint import config_differences
+    from moa_train.config import to_container
+
+    current = to_container(compose_config("model=tiny", "ffn=swiglu"))
+    old = json.loads(json.dumps(current))
+    del old["ffn"]["match_params_of"], old["train"]["threads"], old["data"]["parts"]
+    assert config_differences(old, current, only=None) == []
+    widened = json.loads(json.dumps(current))
+    widened["ffn"]["match_params_of"] = "qd_moa"
+    assert config_differences(old, widened, only=None) == ["ffn.match_params_of: None -> 'qd_moa'"]
+
+
+def test_keys_a_baseline_does_not_read_do_not_make_it_another_run():
+    """Changing a mixture default (ffn.init) must not make finished relu2 / swiglu runs look unfinished."""
+    from moa_train.checkpoint import config_differences
+    from moa_train.config import to_container
+
+    for ffn, same in (("relu2", True), ("moa1", False)):
+        current = to_container(compose_config("model=tiny", f"ffn={ffn}"))
+        other = json.loads(json.dumps(current))
+        other["ffn"]["init"] = "uniform" if current["ffn"]["init"] != "uniform" else "normalized"
+        assert (config_differences(other, current, only=None) == []) is same, ffn

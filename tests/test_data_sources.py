@@ -242,3 +242,29 @@ def test_pydocs_is_found_where_extracted_or_says_how_to_get_it(tmp_path, monkeyp
         (sources / "tutorial.rst.txt").write_text(DOCS[1])
         (sources / "library" / "json.html").write_text("<p>not a source</p>")
         assert documents(cfg_of(tmp_path, name="pydocs", **keys)) == [DOCS[0].strip(), DOCS[1].strip()]
+
+
+def test_a_mixture_reads_every_part_and_validates_on_all_of_them(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    for i in range(30):
+        (first / f"{i}.txt").write_text(f"apple orchard {i} " * 40)
+        (second / f"{i}.txt").write_text(f"river stone {i} " * 40)
+    cfg = compose_config("model=tiny", "data=mixture", f"data.parts=[{first},{second}]",
+                         f"data.cache_dir={tmp_path / 'cache'}").data
+    documents = list(DATA_SOURCES["mixture"].corpus(cfg).documents())
+    assert len(documents) == 60 and "apple" in documents[0] and "river" in documents[-1]
+    data = prepare_data(cfg, 300, eval_tokens=2000, seq_len=32, log=lambda *_: None)
+    text = Tokenizer.from_file(str(data.tokenizer_path)).decode(data.val.tolist())
+    assert "apple" in text and "river" in text  # the held-out documents come from both parts
+    alone = compose_config("model=tiny", "data=local", f"data.path={first}",
+                           f"data.cache_dir={tmp_path / 'cache'}").data
+    assert DATA_SOURCES["mixture"].corpus(cfg).fingerprint != DATA_SOURCES["local"].corpus(alone).fingerprint
+
+
+@pytest.mark.parametrize("parts, needle", [("[]", "data.parts"), ("[/no/such/dir]", "/no/such/dir")])
+def test_a_mixture_with_no_parts_or_a_missing_part_is_refused(parts, needle):
+    cfg = compose_config("model=tiny", "data=mixture", f"data.parts={parts}")
+    with pytest.raises((ConfigError, DataError)) as info:
+        validate_config(cfg)
+    assert needle in str(info.value)

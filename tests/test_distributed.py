@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import read_jsonl, run_cli
 
@@ -105,3 +106,28 @@ def test_moe_with_muon_under_ddp_and_fsdp_follows_single_process(tmp_path):
         loads = [r["expert_load"] for r in read_jsonl(tmp_path / mode / "metrics.jsonl") if "expert_load" in r]
         assert loads == [r["expert_load"] for r in read_jsonl(tmp_path / "single" / "metrics.jsonl")
                          if "expert_load" in r]  # the same routing, hence the same loads, as one process
+
+
+def test_an_fsdp_checkpoint_exports_to_the_tensors_of_a_single_process_one(tmp_path):
+    """moa-export consolidates a checkpoint sharded over 2 FSDP2 ranks into the same tensors, bit for bit, as the
+    checkpoint one process writes of the same weights (an lr of 1e-30 leaves the seeded initial weights as they are,
+    so both runs hold exactly the same values; their training would differ in the last float digits). The MoA gate
+    weights start random (ffn.gate_init_std), not at zero, where that step would be all they hold."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    frozen = [*RUN, "model=tiny_moe", "train.max_steps=1", "optim.lr=1e-30", "ffn.gate_init_std=0.02"]
+    single = run_cli(*frozen, f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = torchrun(*frozen, "dist=fsdp", f"hydra.run.dir={tmp_path / 'fsdp'}")
+    assert sharded.returncode == 0, sharded.stderr[-5000:]
+    assert len(list((tmp_path / "fsdp" / "checkpoints" / "step-1").glob("*.distcp"))) == 2
+    tensors = {}
+    for name in ("single", "fsdp"):
+        done = subprocess.run([sys.executable, "-m", "moa_train.export", str(tmp_path / name), "--out",
+                               str(tmp_path / f"export_{name}")], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        tensors[name] = load_file(str(tmp_path / f"export_{name}" / "model.safetensors"))
+    assert tensors["single"].keys() == tensors["fsdp"].keys() and len(tensors["single"]) > 20
+    for key, value in tensors["single"].items():
+        assert torch.equal(value, tensors["fsdp"][key]), key

@@ -22,7 +22,7 @@ DICT_B = ("identity", "tanh", "silu", "relu")
 
 def ffn_cfg(name, **overrides):
     base = {"name": name, "dict": None, "up_dict": None, "gate": "sigmoid", "gate_bias": False, "gate_groups": 1,
-            "init": "uniform", "kernel": "eager"}
+            "init": "uniform", "kernel": "eager", "gate_init_std": 0.0, "match_params_of": None}
     return OmegaConf.create({**base, **overrides})
 
 
@@ -256,7 +256,13 @@ def test_witness_moa1_fits_gated_product_at_width_one():
     (["ffn=moa1", "ffn.up_dict=[id]"], "ffn.up_dict", "Type-I"),
     (["ffn=one_moa", "ffn.up_dict=[id]"], "ffn.up_dict", "one-sided"),
     (["ffn=moa1", "ffn.gate=relu"], "ffn.gate", "sigmoid, tanh, softmax, linear"),
-    (["ffn=la1", "ffn.init=random"], "ffn.init", "uniform, baseline"),
+    (["ffn=la1", "ffn.init=random"], "ffn.init", "uniform, normalized, baseline"),
+    (["ffn=bi_moa", "ffn.gate=tanh", "ffn.init=uniform"], "ffn.init", "tanh(0) = 0"),
+    (["ffn=moa1", "ffn.gate=linear", "ffn.init=uniform"], "ffn.init", "normalized"),
+    (["ffn=moa1", "ffn.gate_init_std=-1"], "ffn.gate_init_std", ">= 0"),
+    (["ffn=qd_moa", "ffn.match_params_of=qd_moa"], "ffn.match_params_of", "itself a variant"),
+    (["ffn=swiglu", "ffn.match_params_of=moa1"], "ffn.match_params_of", "one_moa"),
+    (["ffn=relu2", "ffn.match_params_of=nope"], "ffn.match_params_of", "la1, moa1"),
     (["ffn=moa1", "ffn.init=baseline", "ffn.dict=[g,s]"], "ffn.dict", "relu2"),
     (["ffn=bi_moa", "ffn.init=baseline", "ffn.up_dict=[t,s]"], "ffn.up_dict", "identity"),
     (["ffn=swiglu", "ffn.dict=[s]"], "ffn.dict", "fixed activation"),
@@ -287,3 +293,91 @@ def test_cli_unknown_activation_is_named_without_traceback():
     message = result.stderr + result.stdout
     assert "Traceback" not in message and "nope" in message and "ffn.dict" in message
     assert "r2 (relu2)" in message and "id (identity)" in message
+
+
+# ----------------------------------------------------------------------------- where the gates start
+
+
+def _segments_sum(ffn, coefficients):
+    sizes = ffn.gates.segments
+    return [part.sum(-1) for part in coefficients.split(sizes, dim=-1)]
+
+
+@pytest.mark.parametrize("name", [n for n in MIXTURES if FFN_REGISTRY[n].mixture == "moa"])
+@pytest.mark.parametrize("gate", ["sigmoid", "tanh", "softmax", "linear"])
+def test_normalized_init_starts_every_segment_at_a_sum_of_one(name, gate):
+    ffn = build_ffn(ffn_cfg(name, init="normalized", gate=gate), dim=8, hidden=16)
+    coefficients = ffn.gates(torch.randn(5, 8))
+    for total in _segments_sum(ffn, coefficients):
+        assert torch.allclose(total, torch.ones_like(total))
+    sizes = ffn.gates.segments
+    expected = torch.cat([torch.full((k,), 1.0 / k) for k in sizes])
+    assert torch.allclose(coefficients, expected.expand_as(coefficients))
+    # the offset is fixed, the gate learns: a gradient step on U moves the gates away from 1/K per token
+    x = torch.randn(5, 8)
+    (ffn(x.view(1, 5, 8)) ** 2).sum().backward()
+    assert ffn.gates.weight.grad.abs().sum() > 0
+
+
+def test_uniform_sigmoid_mixture_starts_at_k_over_two_times_one_activation():
+    """The starting scale the CPU study ran with: every sigmoid gate at 0.5, so a K-entry moa1 sums to K/2."""
+    ffn = build_ffn(ffn_cfg("moa1", init="uniform"), dim=8, hidden=16)
+    [total] = _segments_sum(ffn, ffn.gates(torch.randn(3, 8)))
+    assert torch.allclose(total, torch.full_like(total, len(ffn.mixture.names_a) / 2))
+
+
+def test_gate_init_std_draws_token_dependent_gates_at_the_start():
+    torch.manual_seed(0)
+    zero = build_ffn(ffn_cfg("moa1"), dim=8, hidden=16)
+    drawn = build_ffn(ffn_cfg("moa1", gate_init_std=0.5), dim=8, hidden=16)
+    x = torch.randn(6, 8)
+    assert zero.gates(x).std(0).max() == 0  # U = 0: every token the same gates
+    assert drawn.gates(x).std(0).min() > 0.01
+    assert drawn.gates.weight.std().item() == pytest.approx(0.5, rel=0.35)
+
+
+@pytest.mark.parametrize("gate", ["tanh", "linear"])
+def test_a_tanh_or_linear_bi_moa_trains_from_the_first_step(gate):
+    """With the default init the FFN is not dead at step 0: its projections get gradients (issue acceptance)."""
+    cfg = compose_config("model=tiny", "ffn=bi_moa", f"ffn.gate={gate}", "model.vocab_size=512")
+    validate_config(cfg)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model, cfg.ffn)
+    model.init_weights()
+    tokens = torch.randint(0, 512, (2, 16))
+    model(tokens, tokens).backward()
+    for block in model.layers:
+        for name in ("w1", "w2", "w3"):
+            assert getattr(block.ffn, name).weight.grad.abs().sum() > 0, (gate, name)
+    assert model.layers[0].ffn(torch.randn(1, 4, cfg.model.dim)).abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- the parameter-matched control
+
+
+@pytest.mark.parametrize("baseline, variant", [("swiglu", "qd_moa"), ("swiglu", "one_moa"), ("relu2", "moa1"),
+                                               ("swiglu", "bi_la")])
+@pytest.mark.parametrize("model", ["dense_40k", "dense_0.12b", "tiny_moe"])
+def test_a_matched_baseline_holds_at_least_the_variants_parameters_within_one_hidden_unit(model, baseline, variant):
+    from moa_train.builder import parameter_counts
+
+    cfg = compose_config(f"model={model}", f"ffn={variant}", "model.vocab_size=512")
+    matched = compose_config(f"model={model}", f"ffn={baseline}", f"ffn.match_params_of={variant}",
+                             "model.vocab_size=512")
+    plain = compose_config(f"model={model}", f"ffn={baseline}", "model.vocab_size=512")
+    validate_config(matched)
+    (target, _), (got, budget), (base, base_budget) = map(parameter_counts, (cfg, matched, plain))
+    assert got["ffn_extra"] == 0 and got["total"] > base["total"]
+    n_ffns = cfg.model.n_layers * (1 + cfg.model.moe.n_experts + 1 if cfg.model.family == "moe" else 1)
+    unit = (3 if FFN_REGISTRY[baseline].ffn_type == "type2" else 2) * cfg.model.dim
+    assert target["total"] <= got["total"] < target["total"] + n_ffns * unit
+    assert budget == base_budget  # trained on the same tokens as the plain baseline
+
+
+def test_the_matched_control_is_a_preset_and_reports_as_a_variant():
+    cfg = compose_config("model=dense_40k", "ffn=swiglu_match_qd_moa")
+    assert cfg.ffn.name == "swiglu" and cfg.ffn.match_params_of == "qd_moa"
+    from moa_train.report import Run
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert Run(None, "completed", config).variant == "swiglu[match_params_of=qd_moa]"

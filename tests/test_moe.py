@@ -27,7 +27,8 @@ def moe_cfg(**overrides):
 
 def ffn_cfg(name):
     return OmegaConf.create({"name": name, "dict": None, "up_dict": None, "gate": "tanh", "gate_bias": True,
-                             "gate_groups": 1, "init": "uniform", "kernel": "eager"})
+                             "gate_groups": 1, "init": "uniform", "kernel": "eager", "gate_init_std": 0.0,
+                             "match_params_of": None})
 
 
 def make_moe(ffn="qd_moa", dim=12, **overrides) -> MoE:

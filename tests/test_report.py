@@ -86,7 +86,7 @@ def test_a_failed_run_of_a_sweep_is_recorded_and_the_sweep_goes_on(tmp_path):
                      "train.seq_len=64", "train.eval_tokens=1024", "train.progress=false", f"hydra.sweep.dir={sweep}")
     assert result.returncode == 2  # the sweep finished, and says that a run failed
     assert "1 run(s) of the sweep failed" in result.stderr and "Traceback" not in result.stderr
-    bad_dir, good_dir = sorted(p for p in sweep.iterdir() if p.is_dir())  # 0_...optim.lr=-1..., 1_...
+    bad_dir, good_dir = sorted(p for p in sweep.iterdir() if p.is_dir())  # ...optim.lr=-1..., ...optim.lr=0.001...
     bad, good = (json.loads((d / "summary.json").read_text()) for d in (bad_dir, good_dir))
     assert bad["status"] == "failed" and "optim.lr" in bad["error"] and bad["config"]["optim"]["lr"] == -1
     assert good["status"] == "completed"
@@ -213,6 +213,8 @@ def test_sweep_presets_compose():
             assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
             assert "swiglu" in params.ffn and "qd_moa" in params.ffn and len(params["optim.lr"].split(",")) >= 3
             assert len(params["train.seed"].split(",")) >= 2
+            if name == "paper":  # the parameter-matched controls are part of the paper's protocol
+                assert {"swiglu_match_qd_moa", "relu2_match_moa1"} <= set(params.ffn.split(","))
     assert len(cfg.hydra.sweeper.params.model.split(",")) >= 3  # the CPU study spans three sizes
 
 
@@ -353,3 +355,49 @@ def test_help_states_the_defaults(module, capsys):
         assert "(default: report)" in text  # --out
     else:
         assert "JSON object (default: off" in text and "(default: none" in text  # --json, the overrides
+
+
+def test_lr_tolerance_reads_half_and_twice_the_best_lr_against_the_baseline(tmp_path):
+    runs = [_run("swiglu", lr, seed, loss) for lr, loss in ((1e-3, 3.10), (2e-3, 3.00), (4e-3, 3.30))
+            for seed in (0, 1)]
+    runs += [_run("one_moa", lr, seed, loss) for lr, loss in ((1e-3, 3.20), (2e-3, 3.02), (4e-3, 2.98))
+             for seed in (0, 1)]
+    runs += [_run("one_moa", 8e-3, 0, float("nan"), status="diverged")]
+    [table] = compare(runs).values()
+    from moa_train.report import lr_tolerance
+
+    swiglu, moa = lr_tolerance(table["swiglu"]), lr_tolerance(table["one_moa"])
+    assert swiglu == {"half": pytest.approx(0.10 / 3.00), "double": pytest.approx(0.30 / 3.00)}
+    assert moa == {"half": pytest.approx(0.04 / 2.98), "double": "diverged"}
+    report = write_report(runs, tmp_path, [tmp_path])
+    variants = {v["variant"]: v for v in report["groups"][0]["variants"]}
+    assert variants["one_moa"]["best_lr_vs_baseline"] == pytest.approx(2.0)
+    text = (tmp_path / "report.md").read_text()
+    assert "| one_moa | 0.004 | 2x | +1.34% | diverged | swiglu at 0.002: +3.33% / +10.00% |" in text
+
+
+def test_lr_tolerance_leaves_out_rates_that_were_not_run():
+    runs = [_run("swiglu", 1e-3, 0, 3.0), _run("swiglu", 3e-3, 0, 3.1)]
+    [table] = compare(runs).values()
+    from moa_train.report import lr_tolerance
+
+    assert lr_tolerance(table["swiglu"]) == {"half": None, "double": None}
+
+
+def test_the_report_draws_the_downstream_table(tmp_path):
+    from moa_train.report import downstream_lines
+
+    runs = [_run("swiglu", 1e-3, 0, 3.0), _run("qd_moa", 1e-3, 0, 2.9)]
+    for run, scores in zip(runs, ({"arc_challenge": 0.20, "winogrande": 0.50}, {"arc_challenge": 0.22,
+                                                                                  "winogrande": 0.52})):
+        run.path = tmp_path / run.path.name
+        run.path.mkdir()
+        rows = [{"task": t, "metric": m, "value": v + (0.01 if m == "acc_norm" else 0), "num_fewshot": 0}
+                for t, v in scores.items() for m in (("acc", "acc_norm") if t == "arc_challenge" else ("acc",))]
+        (run.path / "eval.json").write_text(json.dumps({"results": rows}))
+    [table] = compare(runs).values()
+    lines, summary = downstream_lines(table)
+    text = "\n".join(lines)
+    assert "| variant | arc_challenge (acc_norm) | winogrande (acc) | average |" in text
+    assert "| qd_moa | 23.00 | 52.00 | 37.50 |" in text and "| swiglu | 21.00 | 50.00 | 35.50 |" in text
+    assert summary["qd_moa"]["average"] == pytest.approx(0.375)

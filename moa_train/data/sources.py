@@ -1,9 +1,10 @@
-"""The four sources of `data.source` (DATA_SOURCES), each turning the data config into a Corpus.
+"""The five sources of `data.source` (DATA_SOURCES), each turning the data config into a Corpus.
 
-Sources (`data.source`, chosen by `data=`): `shakespeare` and `pydocs` (offline corpora), `local` (a file, directory or
-glob of .txt, .jsonl/.json and .parquet files) and `hf` (a hub dataset through
-`datasets.load_dataset`, streamed). Each yields documents in a fixed order; .json and .parquet
-files are read through the same `datasets` path as hub datasets.
+Sources (`data.source`, chosen by `data=`): `shakespeare` and `pydocs` (offline corpora), `local` (a
+file, directory or glob of .txt, .jsonl/.json and .parquet files), `hf` (a hub dataset through
+`datasets.load_dataset`, streamed) and `mixture` (several of the others as one corpus). Each yields
+documents in a fixed order; .json and .parquet files are read through the same `datasets` path as
+hub datasets.
 """
 
 from __future__ import annotations
@@ -195,5 +196,48 @@ class HubSource:
             empty_message=f"{label} yielded no text in the field '{data_cfg.text_key}'.")
 
 
+class MixtureSource:
+    """`data.parts`: several corpora read as one, each an offline source by name (shakespeare, pydocs) or a
+    local path (as data=local's data.path); their documents follow one another. The validation documents
+    are chosen by hash over all of them (cache.HeldOut), so every part is represented in the validation set."""
+
+    OFFLINE = ("shakespeare", "pydocs")
+
+    def _parts(self, data_cfg) -> list[tuple[str, object]]:
+        """(source name, the data config it reads) for every part."""
+        from omegaconf import OmegaConf
+
+        if not data_cfg.parts:
+            raise ConfigError("data.parts", "data=mixture needs the corpora to mix.",
+                              "a list of offline sources (shakespeare, pydocs) and local paths, e.g. "
+                              "'data.parts=[shakespeare,pydocs]'")
+        parts = []
+        for part in data_cfg.parts:
+            source = part if part in self.OFFLINE else "local"
+            path = None if part in self.OFFLINE else part
+            parts.append((source, OmegaConf.merge(data_cfg, {"source": source, "name": source, "path": path,
+                                                             "parts": None})))
+        return parts
+
+    def check(self, data_cfg) -> None:
+        for source, part_cfg in self._parts(data_cfg):
+            DATA_SOURCES[source].check(part_cfg)
+
+    def corpus(self, data_cfg) -> Corpus:
+        corpora = [DATA_SOURCES[source].corpus(part_cfg) for source, part_cfg in self._parts(data_cfg)]
+        replaced: dict[str, int] = {}
+
+        def documents() -> Iterator[str]:
+            for corpus in corpora:
+                yield from corpus.documents()
+                replaced.update(corpus.replaced)
+
+        return Corpus(
+            fingerprint=hashlib.sha256(json.dumps([c.fingerprint for c in corpora]).encode()).hexdigest(),
+            description={"parts": list(data_cfg.parts), "corpora": [c.description for c in corpora]},
+            documents=documents, costly_to_reread=any(c.costly_to_reread for c in corpora),
+            empty_message=f"the parts {list(data_cfg.parts)} hold no text.", replaced=replaced)
+
+
 DATA_SOURCES = {"shakespeare": ShakespeareSource(), "pydocs": PydocsSource(), "local": LocalSource(),
-                "hf": HubSource()}
+                "hf": HubSource(), "mixture": MixtureSource()}

@@ -7,8 +7,8 @@
 """
 
 from .feedforward import FeedForward, build_ffn, validate_ffn_config
-from .gates import Gates, gate_statistics, recording_gate_statistics
+from .gates import GateDetail, GateRecorder, Gates, gate_entry_names, mean_gates, recording_gates
 from .registry import FFN_REGISTRY, FFNSpec, ffn_hidden_dim
 
-__all__ = ["FFN_REGISTRY", "FFNSpec", "FeedForward", "Gates", "build_ffn", "ffn_hidden_dim", "gate_statistics",
-           "recording_gate_statistics", "validate_ffn_config"]
+__all__ = ["FFN_REGISTRY", "FFNSpec", "FeedForward", "GateDetail", "GateRecorder", "Gates", "build_ffn",
+           "ffn_hidden_dim", "gate_entry_names", "mean_gates", "recording_gates", "validate_ffn_config"]

@@ -11,16 +11,17 @@ What a variant computes comes from its row of FFN_REGISTRY; formulas in docs/des
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..activations import ACTIVATIONS, accepted_names, canonical_name
-from ..errors import ConfigError, check_choice
-from .gates import GATE_FUNCTIONS, INITS, Gates
+from ..errors import ConfigError, check_choice, check_positive
+from .gates import GATE_FUNCTIONS, INITS, Gates, gate_at_zero
 from .kernels import KERNELS, pair_mix, product_mix
 from .registry import FFN_REGISTRY, FFNSpec, ffn_hidden_dim
 
@@ -94,11 +95,15 @@ def _projection(in_features: int, out_features: int, n_experts: int | None) -> n
 
 
 class FeedForward(nn.Module):
-    """Any `ffn=` variant: projections w1, w2[, w3], and for LA / MoA the gates and the mixture."""
+    """Any `ffn=` variant: projections w1, w2[, w3], and for LA / MoA the gates and the mixture.
+
+    `hidden` is the width the variant gets; a baseline with ffn.match_params_of is widened from it
+    (matched_hidden_dim)."""
 
     def __init__(self, dim: int, hidden: int, cfg: DictConfig, n_experts: int | None = None):
         super().__init__()
         spec = FFN_REGISTRY[cfg.name]
+        hidden = matched_hidden_dim(dim, hidden, cfg)
         self.ffn_type, self.n_experts = spec.ffn_type, n_experts
         self.w1 = _projection(dim, hidden, n_experts)
         if spec.ffn_type == "type2":
@@ -115,7 +120,7 @@ class FeedForward(nn.Module):
             segments, baseline = self.mixture.layout(cfg.init)
             self.gate_groups = cfg.gate_groups
             self.gates = Gates(dim, segments, baseline, self.mixture.entry_names(), spec.mixture, cfg.gate_groups,
-                               cfg.gate, cfg.gate_bias, cfg.init, n_experts)
+                               cfg.gate, cfg.gate_bias, cfg.init, n_experts, cfg.gate_init_std)
 
     @property
     def output_projection(self) -> nn.Module:
@@ -156,13 +161,27 @@ def build_ffn(cfg: DictConfig, dim: int, hidden: int) -> FeedForward:
     return FeedForward(dim, hidden, cfg)
 
 
+def matched_hidden_dim(dim: int, hidden: int, cfg: DictConfig) -> int:
+    """The paper's parameter-matched control: a baseline with `ffn.match_params_of=V` gets the fewest
+    extra hidden units that give it at least the parameters of V at width `hidden` (V's gates and
+    coefficients, spread over whole hidden units of 2d (Type-I) or 3d (Type-II) weights each)."""
+    target = cfg.get("match_params_of")
+    if not target:
+        return hidden
+    variant = OmegaConf.merge(cfg, {"name": target, "match_params_of": None})
+    with torch.device("meta"):
+        extra = sum(p.numel() for p in FeedForward(dim, hidden, variant).extra_parameters())
+    weights_per_unit = (3 if FFN_REGISTRY[cfg.name].ffn_type == "type2" else 2) * dim
+    return hidden + math.ceil(extra / weights_per_unit)
+
+
 def _onehot(names: tuple[str, ...], entry: str, init: str, key: str) -> torch.Tensor:
-    onehot = torch.zeros(len(names))
+    onehot = torch.zeros(len(names), device="cpu")  # a constant of the layout, whatever device the model is built on
     if entry in names:
         onehot[names.index(entry)] = 1.0
     elif init == "baseline":
         raise ConfigError(key, f"ffn.init=baseline starts from the baseline activation '{entry}', which is not in "
-                               f"{list(names)}.", f"add it to {key}, or use ffn.init=uniform")
+                               f"{list(names)}.", f"add it to {key}, or use ffn.init=normalized")
     return onehot
 
 
@@ -171,6 +190,12 @@ def validate_ffn_config(cfg: DictConfig, model_cfg: DictConfig) -> None:
     check_choice("ffn.name", cfg.name, sorted(FFN_REGISTRY))
     spec = FFN_REGISTRY[cfg.name]
     hidden = ffn_hidden_dim(model_cfg.dim, cfg.name, model_cfg.ffn_hidden, model_cfg.ffn_multiple_of)
+    if cfg.get("match_params_of"):
+        variants = sorted(name for name, s in FFN_REGISTRY.items() if s.baseline == cfg.name and not s.is_baseline)
+        if not spec.is_baseline:
+            raise ConfigError("ffn.match_params_of", f"widens a baseline to a variant's size; '{cfg.name}' is itself "
+                              "a variant.", "ffn=relu2 or ffn=swiglu with the name of one of their variants")
+        check_choice("ffn.match_params_of", cfg.match_params_of, variants)
     if spec.is_baseline:
         for key in ("dict", "up_dict"):
             if cfg.get(key):
@@ -198,7 +223,12 @@ def validate_ffn_config(cfg: DictConfig, model_cfg: DictConfig) -> None:
             raise ConfigError(f"ffn.{key}", f"{list(names)} names an activation twice.")
     check_choice("ffn.gate", cfg.gate, GATE_FUNCTIONS)
     check_choice("ffn.init", cfg.init, INITS)
+    if spec.mixture == "moa" and cfg.init == "uniform" and gate_at_zero(cfg.gate, 2) == 0.0:
+        raise ConfigError("ffn.init", f"'uniform' starts every gate at {cfg.gate}(0) = 0: the FFN would output 0 and "
+                          "its projections get no gradient at the first step.",
+                          "normalized (the gates start at 1/K) or baseline with this gate")
     check_choice("ffn.kernel", cfg.kernel, KERNELS)
+    check_positive("ffn.gate_init_std", cfg.gate_init_std, allow_zero=True)
     if cfg.gate_groups < 1 or hidden % cfg.gate_groups:
         raise ConfigError("ffn.gate_groups", f"{cfg.gate_groups} must be >= 1 and divide the hidden width {hidden}.")
     if cfg.init == "baseline":

@@ -42,6 +42,18 @@ FFN_REGISTRY: dict[str, FFNSpec] = {
 }
 
 
+# The ffn keys only LA and MoA read; a baseline ignores them (and a mixture refuses match_params_of).
+MIXTURE_KEYS = ("dict", "up_dict", "gate", "gate_bias", "gate_init_std", "gate_groups", "init", "kernel")
+
+
+def unused_keys(name: str) -> tuple[str, ...]:
+    """The ffn keys that do not change what the FFN `name` computes: two runs that differ only there are one run."""
+    spec = FFN_REGISTRY.get(name)
+    if spec is None:
+        return ()
+    return MIXTURE_KEYS if spec.is_baseline else ("match_params_of",)
+
+
 def ffn_hidden_dim(dim: int, ffn_name: str, hidden: int | None, multiple_of: int) -> int:
     """4d for Type-I, 8d/3 rounded up for Type-II: both hold 8 d^2 projection parameters."""
     if hidden is not None:

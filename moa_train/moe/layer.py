@@ -39,6 +39,11 @@ class MoE(nn.Module):
         self.register_buffer("logged_load", torch.zeros(moe_cfg.n_experts), persistent=False)  # since the last log
         self.aux_loss: torch.Tensor | None = None
 
+    def reset_buffers(self) -> None:
+        """The load counters, which no checkpoint holds, back at zero."""
+        self.step_load.zero_()
+        self.logged_load.zero_()
+
     def reset_parameters(self, std: float, output_std: float) -> None:
         self.router.reset_parameters(std)
         self.experts.reset_parameters(std, output_std)
