@@ -127,6 +127,7 @@ def export(source: Path, out: Path, force: bool = False, max_shard_size: str = "
     from omegaconf import OmegaConf
 
     trained = load_trained(source)
+    trained.tokenizer()  # a run without its tokenizer stops here, before anything is written
     out = Path(os.path.abspath(out))
     record = {"format": 1, "run": str(trained.run_dir), "checkpoint": trained.checkpoint.name, "step": trained.step,
               "config": OmegaConf.to_container(trained.config, resolve=True)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,12 @@ def test_export_refuses_what_it_must_not_overwrite_and_leaves_nothing_half_writt
     none = tool("export", str(empty_run), "--out", str(tmp_path / "x"))
     assert none.returncode == 2 and "no complete checkpoint" in none.stderr and "Traceback" not in none.stderr
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(runs["swiglu"], untokenized)
+    (untokenized / "tokenizer.json").unlink()
+    lacking = tool("export", str(untokenized), "--out", str(tmp_path / "y"))
+    assert lacking.returncode == 2 and "tokenizer.json" in lacking.stderr and "Traceback" not in lacking.stderr
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.tmp-*"))
     again = tool("export", str(runs["swiglu"]), "--out", str(exports["swiglu"]))  # the same model: replaced
     assert again.returncode == 0, again.stderr
 
