@@ -25,11 +25,16 @@ demo: install
 	$(VENV)/bin/moa-train model=tiny ffn=$(DEMO_FFN) train.max_steps=$(DEMO_STEPS) train.eval_every=50 train.resume=never \
 		hydra.run.dir=outputs/demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), one torch thread each (tests/conftest.py); a test
+# file stays in one process, so its module fixtures are built once.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check moa_train tests benchmarks
@@ -51,7 +56,7 @@ study: install
 PYDOCS_DIR ?= $(or $(MOA_TRAIN_CACHE),$(HOME)/.cache/moa_train)/pydocs
 pydocs:
 	test -d $(PYDOCS_DIR)/usr/share/doc/python3.11/html/_sources || (tmp=$$(mktemp -d) && cd $$tmp && \
-		apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb $(PYDOCS_DIR) && rm -rf $$tmp)
+		apt-get download python3.11-doc && mkdir -p $(PYDOCS_DIR) && dpkg-deb -x python3.11-doc_*.deb $(PYDOCS_DIR) && rm -rf $$tmp)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,9 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
                         "set hydra.run.dir explicitly for distributed runs.")
     config = to_container(cfg)
     if cfg.train.resume == "auto" and (done := finished_summary(run_dir, config, plan.steps)):
-        log.info("the run in %s is already complete (%d steps, summary.json): nothing to train. Use "
-                 "train.resume=never to train it again, or another hydra.run.dir.", run_dir, done["steps"])
+        # On the console only: the finished run's train.log (committed for a study) stays as it was.
+        print(f"moa-train: the run in {run_dir} is already complete ({done['steps']} steps, summary.json): nothing "
+              "to train. Use train.resume=never to train it again, or another hydra.run.dir.", file=sys.stderr)
         return done
 
     data = load_data(cfg, env)

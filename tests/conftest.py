@@ -7,11 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from moa_train.config import register_configs
 
 register_configs()
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores (make test): one torch thread each, and for the CLIs they
+    # start, instead of each process's default of all cores, which oversubscribes them many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 

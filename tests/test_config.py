@@ -210,11 +210,13 @@ def test_an_extended_sweep_finds_its_finished_runs(tmp_path):
     [first] = [p for p in sweep.iterdir() if p.is_dir()]
     assert first.name.startswith("model=tiny,optim.lr=0.001,")  # no job number in front
     stamp = (first / "summary.json").stat().st_mtime_ns
+    log_before = (first / "train.log").read_text()
     extended = run_cli(*common, "optim.lr=2e-3,1e-3")
     assert extended.returncode == 0, extended.stderr[-2000:]
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert runs == sorted([first.name, first.name.replace("optim.lr=0.001", "optim.lr=0.002")])
     assert (first / "summary.json").stat().st_mtime_ns == stamp and "already complete" in extended.stderr
+    assert (first / "train.log").read_text() == log_before  # a study's committed logs are not appended to
 
 
 def test_dry_run_and_refused_config_leave_no_run_directory(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -39,8 +40,14 @@ os._exit(0)
 """
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:  # another test process may be running a process group of its own
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_parameter_roles_are_the_same_under_ddp_and_fsdp():
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", ROLES_UNDER_WRAPPERS], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
