@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny model.dim=384")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--steps", args.steps, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            parser.error(f"{flag}: got {value}, must be >= {least}")
     if args.worker:
         print(json.dumps(measure(args.overrides, args.steps, args.warmup, args.memory)))
         return

@@ -6,25 +6,26 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import register_configs
 from .distributed import launched_ranks
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .metrics import read_summary, write_summary
+from .run_lock import LOCK_FILE, RunLock, RunLocked
 
 FAILED_SWEEP_RUNS: list[str] = []  # run directories of a multirun whose job failed
 
 
 @hydra.main(version_base="1.3", config_path="pkg://moa_train.conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from .train import run  # imported here so that `--help` and config errors stay fast
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -34,12 +35,29 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # torchrun tears down the other ranks instead of leaving them waiting at a collective.
     goes_on = in_sweep and world_size == 1 and hydra_cfg.launcher._target_.endswith("BasicLauncher")
     fresh = _only_hydra_records(run_dir)
+    # One writer per run directory: rank 0 holds its lock for the whole run, taken before anything heavy is
+    # imported so that a second process stops within seconds (torchrun then ends that job's other ranks).
+    lock = RunLock(run_dir) if rank == 0 and not cfg.dry_run else None
     try:
+        if lock:
+            lock.acquire()
+        from .train import run  # imported here so that `--help`, config errors and a locked directory stay fast
+
         summary = run(cfg, run_dir)
         if cfg.dry_run and fresh and rank == 0:
             _remove_hydra_records(run_dir)  # a dry run trains nothing and leaves no run directory
+    except RunFailed as exc:  # summary.json already says how it ended
+        if in_sweep:
+            FAILED_SWEEP_RUNS.append(str(run_dir))
+        print(f"moa-train: {exc}", file=sys.stderr)
+        if not goes_on:
+            sys.exit(1)
+        return None
     except Exception as exc:
-        if isinstance(exc, UserError) and fresh and rank == 0 and not in_sweep:
+        if isinstance(exc, RunLocked):  # the directory is another process's: touch nothing in it
+            if in_sweep:
+                FAILED_SWEEP_RUNS.append(str(run_dir))
+        elif isinstance(exc, UserError) and fresh and rank == 0 and not in_sweep:
             _remove_hydra_records(run_dir)  # refused before training: leave no directory behind
         elif in_sweep:
             _record_failure(run_dir, cfg, exc)
@@ -53,10 +71,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
         else:
             raise
         return None
+    finally:
+        if lock:
+            lock.release()
     return summary.get("val_loss")  # the objective Hydra sweepers minimise
 
 
-HYDRA_RECORDS = {".hydra", "train.log"}  # what Hydra writes into a run directory before the task starts
+HYDRA_RECORDS = {".hydra", "train.log", LOCK_FILE}  # what a run directory holds before a run writes anything
 
 
 def _only_hydra_records(run_dir: Path) -> bool:
@@ -84,6 +105,35 @@ def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
         config = OmegaConf.to_container(cfg, resolve=False)
     write_summary(run_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None,
                             "config": config})
+
+
+class WritableOutputDir(Callback):
+    """Refuses, before Hydra creates it, a run (or sweep) directory that cannot be created or written, with the
+    key and the reason, instead of Hydra's traceback (conf/config.yaml: hydra.callbacks)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def _check_writable(key: str, directory: str) -> None:
+    path = Path(os.path.abspath(os.path.expanduser(directory)))
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists: where the directory would be created
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"'{existing}' is a file")
+        # A probe, not os.access: root passes os.access on read-only and virtual file systems.
+        probe = tempfile.mkdtemp(prefix=".moa-probe-", dir=existing)
+        os.rmdir(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"moa-train: error: config key '{key}': cannot create or write '{path}' ({reason} in '{existing}'). "
+              f"Choose a directory you can write, e.g. {key}=outputs/my-run.", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -165,6 +165,10 @@ class BudgetConfig:
 @dataclass
 class DistConfig:
     name: str = "auto"  # auto: none for one process, ddp under torchrun; or none | ddp | fsdp
+    # How long a collective waits for a rank that is gone or stuck before the job fails (rather than
+    # hanging until the scheduler's limit). It also bounds how long the other ranks wait while rank 0
+    # prepares the data: prepare a large corpus beforehand with moa-prepare.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -197,7 +201,9 @@ class TrainConfig:
     ckpt_every: int | None = 1000  # steps between checkpoints; None: only at the end and on SIGTERM/SIGUSR1
     ckpt_at_end: bool = True
     keep_checkpoints: int | None = 3  # newest complete checkpoints kept; None: all
-    resume: str = "auto"  # auto: newest complete checkpoint of the run directory | never | a checkpoint path
+    resume: str = "auto"  # auto: newest checkpoint of the run directory that verifies | never | a checkpoint path
+    # Updates with a non-finite loss or gradient norm skipped (each logged) before the run counts as diverged
+    skip_nonfinite_steps: int = 0
     # A checkpoint (or a run directory: its newest) or a moa-export directory whose weights a new run starts
     # from (continual pretraining, a decay branch); model and ffn must match, the optimizer starts fresh
     init_from: str | None = None
@@ -221,8 +227,8 @@ class RunConfig:
 # (train.py skips it; the run directory's name leaves them out, so rerunning with other values
 # finds it), and runs that differ only there are compared (moa-report). A key covers its subkeys.
 NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
-               "train.keep_checkpoints", "train.log_every", "train.peak_tflops", "logger", "dry_run", "dist", "sweep",
-               "hydra", "data.cache_dir", "data.verify")
+               "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops", "logger",
+               "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify")
 
 
 def run_name(overrides) -> str:
@@ -386,6 +392,7 @@ def _check_dist_and_logger(dist: DictConfig, logger: DictConfig) -> None:
     from .distributed import DIST_MODES
 
     check_choice("dist.name", dist.name, DIST_MODES)
+    check_positive("dist.timeout_s", dist.timeout_s)
     check_choice("logger.name", logger.name, LOGGERS)
     check_choice("logger.mode", logger.mode, WANDB_MODES)
 
@@ -396,6 +403,8 @@ def _check_train(t: DictConfig) -> None:
     for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_every", "eval_tokens", "log_every",
                 "ckpt_every", "threads"):
         check_positive(f"train.{key}", t[key])
+    for key in ("skip_nonfinite_steps",):
+        check_positive(f"train.{key}", t[key], allow_zero=True)
     if t.device.split(":")[0] not in DEVICES:
         raise ConfigError("train.device", f"unknown value '{t.device}'.", "auto, cpu, cuda, cuda:N")
     if t.device.startswith("cuda"):

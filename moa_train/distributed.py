@@ -70,7 +70,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(requested_mode: str, device_name: str) -> DistEnv:
+def init_distributed(requested_mode: str, device_name: str, timeout_s: float = 600.0) -> DistEnv:
     """Start the process group when the run is distributed (or asks for ddp/fsdp in one process)."""
     rank, world_size, local_rank = launched_ranks()
     mode = resolve_mode(requested_mode, world_size)
@@ -81,7 +81,7 @@ def init_distributed(requested_mode: str, device_name: str) -> DistEnv:
         if "MASTER_ADDR" not in os.environ:  # ddp/fsdp asked for in a plain single process
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(mode, rank, world_size, local_rank, device)
 

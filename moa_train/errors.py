@@ -40,3 +40,8 @@ def check_positive(key: str, value, allow_zero: bool = False) -> None:
 def check_fraction(key: str, value, closed_above: bool = True) -> None:
     if not (0.0 <= value <= 1.0 if closed_above else 0.0 <= value < 1.0):
         raise ConfigError(key, f"got {value}, must lie in [0, 1{']' if closed_above else ')'}.")
+
+
+class RunFailed(Exception):
+    """A run that stopped without completing for a reason of its own (a diverged loss): summary.json records
+    it, and the process exits non-zero without a traceback."""

@@ -8,6 +8,8 @@ import os
 import secrets
 from pathlib import Path
 
+from .errors import UserError
+
 
 def read_summary(run_dir: Path) -> dict | None:
     """A run's summary.json, or None when there is none (or it is unreadable)."""
@@ -47,6 +49,9 @@ class JSONLLogger:
         self.file.close()
 
 
+WANDB_INIT_TIMEOUT_S = 60
+
+
 class WandbLogger:
     def __init__(self, logger_cfg, run_dir: Path, config: dict, resume_step: int | None = None):
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -56,12 +61,22 @@ class WandbLogger:
         id_file = run_dir / "wandb_id.txt"
         if resume_step is None or not id_file.exists():
             id_file.write_text(secrets.token_hex(4))  # wandb run ids: short, lowercase alphanumeric
-        self.run = wandb.init(
-            project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
-            dir=str(run_dir), config=config, tags=list(logger_cfg.tags), name=run_dir.name,
-            id=id_file.read_text().strip(), resume="allow",
-            settings=wandb.Settings(init_timeout=60, console="off"),
-        )
+        try:
+            self.run = wandb.init(
+                project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
+                dir=str(run_dir), config=config, tags=list(logger_cfg.tags), name=run_dir.name,
+                id=id_file.read_text().strip(), resume="allow",
+                settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, console="off"),
+            )
+        except wandb.errors.UsageError as exc:  # no API key, or one wandb refuses
+            raise UserError(f"config key 'logger.mode': '{logger_cfg.mode}' needs wandb credentials and wandb "
+                            f"refused ({str(exc).splitlines()[0]}). Log in once with `wandb login` (or set "
+                            f"WANDB_API_KEY), or use logger.mode=offline and upload later with `wandb sync "
+                            f"{run_dir}/wandb`.") from None
+        except wandb.errors.Error as exc:  # the server cannot be reached
+            raise UserError(f"config key 'logger.mode': '{logger_cfg.mode}' could not reach the wandb server within "
+                            f"{WANDB_INIT_TIMEOUT_S} s ({str(exc).splitlines()[0][:200]}). Check the network, or use "
+                            f"logger.mode=offline and upload later with `wandb sync {run_dir}/wandb`.") from None
 
     def log(self, row: dict) -> None:
         step = row["step"]
@@ -76,9 +91,9 @@ class MetricLoggers:
                  resume_step: int | None = None):
         self.sinks = []
         if enabled:  # rank 0 only
-            self.sinks.append(JSONLLogger(run_dir / "metrics.jsonl", resume_step))
-            if logger_cfg.name == "wandb":
+            if logger_cfg.name == "wandb":  # first: a refusal leaves metrics.jsonl as it was
                 self.sinks.append(WandbLogger(logger_cfg, run_dir, config, resume_step))
+            self.sinks.append(JSONLLogger(run_dir / "metrics.jsonl", resume_step))
 
     def log(self, row: dict) -> None:
         for sink in self.sinks:

@@ -90,8 +90,14 @@ def gradient_sync(model: nn.Module, enabled: bool):
         yield
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+def gradient_norm(model: nn.Module, max_norm: float) -> float:
+    """The global gradient norm, the gradients clipped to max_norm when it is > 0 (0: measured only, for the
+    divergence check)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         norm = norm.full_tensor()
     return norm.item()

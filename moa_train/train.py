@@ -24,7 +24,15 @@ from tqdm import tqdm
 
 from .budget import RunPlan, flops_per_token, mfu, peak_flops, plan_run
 from .builder import build_model, parameter_counts
-from .checkpoint import Checkpointer, check_compatible, config_differences, read_meta, resume_path, set_aside
+from .checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+    config_differences,
+    read_meta,
+    resume_path,
+    set_aside,
+)
 from .config import NOT_THE_RUN, to_container, validate_config
 from .data import PackedBatches, PreparedData, prepare_data, resolve_vocab_size, validation_batches
 from .distributed import (
@@ -37,14 +45,14 @@ from .distributed import (
     mean_across_ranks,
     shutdown,
 )
-from .errors import DataError, UserError
+from .errors import DataError, RunFailed, UserError
 from .evaluation import evaluate
 from .ffn import GateDetail, Gates, gate_entry_names, mean_gates
 from .gate_report import GATES_FILE, gate_summary
 from .metrics import MetricLoggers, read_summary, write_summary
 from .moe import expert_load_statistics, update_load_balance
 from .optim import build_optimizer, set_lr
-from .parallel import autocast_context, clip_grad_norm, gradient_sync, unwrap
+from .parallel import autocast_context, gradient_norm, gradient_sync, unwrap
 from .schedule import lr_multiplier
 from .trained import load_initial_weights, weights_source
 from .utils import display_path
@@ -69,7 +77,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             report["moe"] = to_container(cfg.model.moe)
         print(json.dumps(report))
         return report
-    env = init_distributed(cfg.dist.name, cfg.train.device)
+    env = init_distributed(cfg.dist.name, cfg.train.device, cfg.dist.timeout_s)
     try:
         return train(cfg, run_dir, env)
     finally:
@@ -86,12 +94,15 @@ class RunState:
     initial_val_loss: float | None = None
     status: str = "completed"  # completed | diverged | preempted
     resumed_from: int | None = None
+    skipped_steps: int = 0  # updates skipped for non-finite gradients (train.skip_nonfinite_steps)
+    failure: str | None = None  # why a diverged run stopped
     clock_start: float = field(default_factory=time.perf_counter)  # minus the time of earlier sessions
 
     @classmethod
     def from_checkpoint(cls, meta: dict) -> RunState:
         return cls(step=meta["step"], train_loss=meta.get("train_loss"), val_loss=meta.get("val_loss"),
                    initial_val_loss=meta.get("initial_val_loss"), resumed_from=meta["step"],
+                   skipped_steps=meta.get("skipped_steps", 0),
                    clock_start=time.perf_counter() - meta.get("elapsed_s", 0.0))
 
     def elapsed(self) -> float:
@@ -99,14 +110,14 @@ class RunState:
 
     def checkpoint_meta(self) -> dict:
         return {"elapsed_s": self.elapsed(), "initial_val_loss": self.initial_val_loss, "val_loss": self.val_loss,
-                "train_loss": self.train_loss}
+                "train_loss": self.train_loss, "skipped_steps": self.skipped_steps}
 
 
 def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
-    counts, plan = count_and_plan(cfg, env.world_size)
     if len(directories := set(gather_from_all_ranks(str(run_dir.resolve())))) > 1:
         raise UserError(f"the processes resolved different run directories {sorted(directories)}; "
                         "set hydra.run.dir explicitly for distributed runs.")
+    counts, plan = count_and_plan(cfg, env.world_size)
     config = to_container(cfg)
     if cfg.train.resume == "auto" and (done := finished_summary(run_dir, config, plan.steps)):
         # On the console only: the finished run's train.log (committed for a study) stays as it was.
@@ -114,14 +125,14 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
               "to train. Use train.resume=never to train it again, or another hydra.run.dir.", file=sys.stderr)
         return done
 
-    data = load_data(cfg, env)
-    checkpoint = resume_path(run_dir, cfg.train.resume)  # checked before building: a refusal costs nothing
+    checkpoint = checkpoint_to_resume(run_dir, cfg.train.resume, env)  # before data and model: a refusal costs nothing
     meta = read_meta(checkpoint) if checkpoint else None
     if meta:
         check_compatible(checkpoint, meta, config)
     elif cfg.train.resume == "never" and env.is_main and (moved := set_aside(run_dir)):
         log.warning("train.resume=never: the earlier checkpoints of %s were moved to %s", run_dir, moved)
     initial = initial_weights(cfg, config) if cfg.train.init_from and not meta else None
+    data = load_data(cfg, env)
 
     model = build_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optim)
@@ -159,7 +170,30 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
              state.step, plan.steps, summary["wall_s"], "final" if state.status == "completed" else "last",
              state.val_loss or math.nan, f"{state.initial_val_loss:.4f}" if state.initial_val_loss else "-",
              display_path(run_dir))
+    if state.status == "diverged":
+        newest = checkpointer.last_saved_step
+        kept = f"the newest checkpoint is step-{newest}, from before it" if newest else "no checkpoint was written"
+        raise RunFailed(f"training diverged at step {state.step}: {state.failure}. summary.json records status: "
+                        f"diverged; {kept}. "
+                        f"Try a lower optim.lr, gradient clipping (optim.grad_clip > 0), a longer warmup, or "
+                        f"train.skip_nonfinite_steps=N to skip up to N such updates.")
     return summary
+
+
+def checkpoint_to_resume(run_dir: Path, resume: str, env: DistEnv) -> Path | None:
+    """resume_path on rank 0 alone (verifying reads every file of a checkpoint once, not once per rank), its
+    answer or its refusal shared with every rank."""
+    answer = ""
+    if env.is_main:
+        try:
+            path = resume_path(run_dir, resume)
+            answer = f"path:{path}" if path else "none:"
+        except CheckpointError as exc:
+            answer = f"error:{exc}"
+    kind, _, value = gather_from_all_ranks(answer)[0].partition(":")
+    if kind == "error":
+        raise CheckpointError(value if env.is_main else f"(as rank 0 found) {value}")
+    return Path(value) if kind == "path" else None
 
 
 def finished_summary(run_dir: Path, config: dict, steps: int) -> dict | None:
@@ -243,11 +277,9 @@ class Trainer:
         with StopRequest() as stop:
             for step in progress:
                 row = self.train_step(step)
-                if not math.isfinite(state.train_loss):
-                    state.status = "diverged"
+                if state.status == "diverged":
                     self.loggers.log({**row, "elapsed_s": state.elapsed()})
-                    log.error("training diverged at step %d (train loss %s); try a lower optim.lr", state.step,
-                              state.train_loss)
+                    log.error("training diverged at step %d: %s", state.step, state.failure)
                     break
                 if state.step % cfg.eval_every == 0 or state.step == plan.steps:
                     row.update(self.evaluate())
@@ -280,16 +312,27 @@ class Trainer:
                     loss = self.model(x, y)
                 (loss / self.plan.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_clip = self.cfg.optim.grad_clip
-        grad_norm = clip_grad_norm(self.model, grad_clip) if grad_clip > 0 else None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_load_balance(self.model)  # MoE: expert selection biases follow the step's loads
+        grad_norm = gradient_norm(self.model, self.cfg.optim.grad_clip)  # clipped to it when grad_clip > 0
         self.state.train_loss = mean_across_ranks(loss_sum / self.plan.grad_accum).item()  # waits for the step
         self.state.step = done = step + 1
-        tokens_per_s = self.plan.tokens_per_step / (time.perf_counter() - started)
         row = {"step": done, "tokens": done * self.plan.tokens_per_step, "lr": self.cfg.optim.lr * lr_scale,
-               "train_loss": self.state.train_loss, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+               "train_loss": self.state.train_loss, "grad_norm": grad_norm}
+        if math.isfinite(self.state.train_loss) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            update_load_balance(self.model)  # MoE: expert selection biases follow the step's loads
+        elif self.state.skipped_steps < self.cfg.train.skip_nonfinite_steps:
+            self.state.skipped_steps += 1
+            row["skipped"] = True
+            log.warning("step %d: non-finite loss or gradients (loss %s, gradient norm %s): update skipped (%d of "
+                        "train.skip_nonfinite_steps=%d)", done, self.state.train_loss, grad_norm,
+                        self.state.skipped_steps, self.cfg.train.skip_nonfinite_steps)
+        else:  # no update with these gradients: the weights stay those of the last finite step
+            self.state.status = "diverged"
+            self.state.failure = (f"train loss {self.state.train_loss}, gradient norm {grad_norm}"
+                                  + (f", after {self.state.skipped_steps} skipped updates" if self.state.skipped_steps
+                                     else ""))
+        self.optimizer.zero_grad(set_to_none=True)
+        row["tokens_per_s"] = tokens_per_s = self.plan.tokens_per_step / (time.perf_counter() - started)
         if (utilisation := mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.env.world_size)) is not None:
             row["mfu"] = utilisation
         return row
@@ -362,5 +405,6 @@ class Trainer:
             "last_val_loss": state.val_loss, "initial_val_loss": state.initial_val_loss,
             "train_loss": state.train_loss, "params": self.counts, "tokens": state.step * plan.tokens_per_step,
             "steps": state.step, "planned_steps": plan.steps, "resumed_from": state.resumed_from,
+            "skipped_steps": state.skipped_steps, **({"failure": state.failure} if state.failure else {}),
             "plan": plan.as_dict(), "wall_s": state.elapsed(), "data": self.data.summary(), "config": self.config,
         }

@@ -14,6 +14,7 @@ candidates in memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import heapq
 import itertools
@@ -327,7 +328,15 @@ def prepare_data(data_cfg, vocab_size: int | None, eval_tokens: int, seq_len: in
         try:
             _build_cache(tmp, corpus, data_cfg, tokenizer_key, tokenizer_info, eval_tokens, log)
             os.replace(tmp, cache)  # atomic: readers see a complete cache or none
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise DataError(f"no space left on the device of the data cache {root} while preparing "
+                                f"{data_cfg.name}: the partial cache was removed and nothing else was touched. It "
+                                f"had written {written / 2**20:,.1f} MiB when the disk filled, and needs more; "
+                                f"{shutil.disk_usage(root).free / 2**20:,.1f} MiB are free. Free space or point "
+                                f"data.cache_dir (or MOA_TRAIN_CACHE) at a larger disk.") from None
             if not (cache / "meta.json").exists():  # another process may have won the rename
                 raise
         finally:
