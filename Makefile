@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STEPS ?= 300
 DEMO_FFN ?= qd_moa
 
-.PHONY: install demo test test-fast lint clean pydocs study
+.PHONY: install demo test test-fast test-faults lint clean pydocs study
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ test: install
 
 test-fast: install
 	$(PYTEST) -m "not slow"
+
+test-faults: install  # the fault-injection suite alone (tests/test_faults.py)
+	$(PYTEST) -m faults
 
 lint: install
 	$(VENV)/bin/ruff check moa_train tests benchmarks
