@@ -43,12 +43,15 @@ lint: install
 	$(VENV)/bin/ruff check moa_train tests benchmarks
 
 # A study of docs/results: the sweep conf/sweep/$(STUDY).yaml into docs/results/$(STUDY)/runs, then the
-# report. The default is the CPU-scale study (144 runs). Rerunning skips the runs that finished.
+# report. The default is the CPU-scale study (144 runs). Rerunning skips the runs that finished. Jobs run
+# side by side (hydra/launcher=joblib): STUDY_JOBS=-1 is one per core, each with one torch thread.
 STUDY ?= cpu_study
 STUDY_DIR ?= docs/results/$(STUDY)
+STUDY_JOBS ?= -1
 study: install
 	@start=$$(date +%s); \
-	$(VENV)/bin/moa-train sweep=$(STUDY) hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
+	$(VENV)/bin/moa-train sweep=$(STUDY) hydra/launcher=joblib hydra.launcher.n_jobs=$(STUDY_JOBS) \
+		hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
 	sed -i 's|^    cwd: .*|    cwd: .|' $(STUDY_DIR)/runs/multirun.yaml; \
 	$(VENV)/bin/moa-report $(STUDY_DIR)/runs --out $(STUDY_DIR) && \
 	echo "make study: $$(( $$(date +%s) - start )) s on $$(nproc) cores, $$(date -u +%Y-%m-%dT%H:%MZ)" \

@@ -1,6 +1,7 @@
 """`moa-bench`: time per training step and peak memory of FFN variants against their baselines.
 
     moa-bench --variants moa1,qd_moa model=tiny model.dim=384 model.n_layers=2 model.n_heads=6
+    moa-bench --compare train.activation_checkpointing=none,selective,full model=tiny model.n_layers=8
 
 Positional arguments are Hydra overrides of the training config (model size, batch, ffn keys).
 Each variant runs in its own process so that memory figures and compile caches do not mix; rounds
@@ -11,7 +12,8 @@ is mapped on allocation and unmapped on free and the resident set follows live m
 parameters and optimizer state plus the growth of the resident set during two steps after warm-up
 (the high-water mark is reset then, so compilation does not count). Both report the bytes autograd
 saves for backward (exact, from saved-tensor hooks, each storage once).
-Type-I variants are compared with relu2, Type-II with swiglu.
+Type-I variants are compared with relu2, Type-II with swiglu; with `--compare KEY=A,B,...` the arms are
+the values of one config key instead, each compared with the first.
 """
 
 from __future__ import annotations
@@ -193,12 +195,31 @@ def measure_moe(overrides: list[str], steps: int, warmup: int, rounds: int) -> l
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arms(parser: argparse.ArgumentParser, args) -> tuple[dict[str, str], dict[str, str]]:
+    """What is timed: FFN variants against their baselines, or the values of one key against its first."""
     from moa_train.ffn import FFN_REGISTRY
 
+    if args.compare:
+        key, _, values = args.compare.partition("=")
+        values = [v for v in values.split(",") if v]
+        if not key or len(values) < 2:
+            parser.error(f"--compare: got '{args.compare}'; expected KEY=A,B,... with at least two values")
+        arms = {f"{key}={v}": f"{key}={v}" for v in values}
+        return arms, {name: f"{key}={values[0]}" for name in arms}
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in FFN_REGISTRY]
+    if unknown:
+        raise SystemExit(f"moa-bench: unknown ffn variant(s) {unknown}; accepted: {', '.join(sorted(FFN_REGISTRY))}")
+    names = list(dict.fromkeys([b for v in variants for b in (FFN_REGISTRY[v].baseline, v)]))
+    return {n: f"ffn={n}" for n in names}, {n: FFN_REGISTRY[n].baseline for n in names}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="moa-bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--variants", default="moa1,qd_moa", help="comma-separated ffn names")
+    parser.add_argument("--compare", metavar="KEY=A,B,...",
+                        help="instead of FFN variants, the values of one config key, each against the first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best median is kept")
@@ -224,31 +245,29 @@ def main(argv: list[str] | None = None) -> None:
                 json.dump(report, f, indent=2)
         return
 
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in FFN_REGISTRY]
-    if unknown:
-        raise SystemExit(f"moa-bench: unknown ffn variant(s) {unknown}; accepted: {', '.join(sorted(FFN_REGISTRY))}")
-    baselines = {v: FFN_REGISTRY[v].baseline for v in variants}
-    order = list(dict.fromkeys([b for v in variants for b in (baselines[v], v)]))
+    arms, baselines = _arms(parser, args)  # arm name -> its override; arm name -> the arm it is compared with
+    order = list(dict.fromkeys([b for a in arms for b in (baselines[a], a)]))
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in order:
-            result = _worker([f"ffn={name}", *args.overrides], args.steps, args.warmup)
+            result = _worker([arms[name], *args.overrides], args.steps, args.warmup)
             if name not in best or result["step_s"] < best[name]["step_s"]:
                 best[name] = result
     for name in order:
         if "gpu" not in machine():  # CPU: memory from its own worker (see the module docstring)
-            best[name]["peak_mb"] = _worker([f"ffn={name}", *args.overrides], 2, args.warmup, memory=True)["peak_mb"]
+            best[name]["peak_mb"] = _worker([arms[name], *args.overrides], 2, args.warmup, memory=True)["peak_mb"]
     rows = []
     for name in order:
         r = best[name]
-        base = best[FFN_REGISTRY[name].baseline]
-        rows.append({**r, "baseline": base["ffn"], "time_ratio": r["step_s"] / base["step_s"],
-                     "saved_ratio": r["saved_mb"] / base["saved_mb"], "peak_ratio": r["peak_mb"] / base["peak_mb"]})
-    print(f"{'ffn':<10} {'step ms':>9} {'tok/s':>9} {'x base':>7} {'saved MB':>9} {'x base':>7} "
-          f"{'peak MB':>9} {'x base':>7}  baseline")
+        base = best[baselines[name]]
+        rows.append({**r, "arm": name, "baseline": baselines[name] if args.compare else base["ffn"],
+                     "time_ratio": r["step_s"] / base["step_s"], "saved_ratio": r["saved_mb"] / base["saved_mb"],
+                     "peak_ratio": r["peak_mb"] / base["peak_mb"]})
+    width = max(10, *(len(r["arm"]) for r in rows))
+    print(f"{'arm' if args.compare else 'ffn':<{width}} {'step ms':>9} {'tok/s':>9} {'x base':>7} {'saved MB':>9} "
+          f"{'x base':>7} {'peak MB':>9} {'x base':>7}  baseline")
     for r in rows:
-        print(f"{r['ffn']:<10} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>9.0f} {r['time_ratio']:>7.3f} "
+        print(f"{r['arm']:<{width}} {1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>9.0f} {r['time_ratio']:>7.3f} "
               f"{r['saved_mb']:>9.1f} {r['saved_ratio']:>7.3f} {r['peak_mb']:>9.1f} {r['peak_ratio']:>7.3f}  "
               f"{r['baseline']}")
     report = {"machine": machine(), "overrides": args.overrides, "steps": args.steps, "rounds": args.rounds,

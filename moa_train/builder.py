@@ -24,7 +24,8 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     with env.device:
         model = Transformer(cfg.model, cfg.ffn)
     model.init_weights()
-    return parallelize(model, env, cfg.train.compile, cfg.train.dtype)
+    return parallelize(model, env, cfg.train.compile, cfg.train.dtype, cfg.train.activation_checkpointing,
+                       cfg.train.activation_checkpointing_every)
 
 
 def parameter_counts(cfg: DictConfig) -> tuple[dict[str, int], dict[str, int]]:

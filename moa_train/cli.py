@@ -21,7 +21,11 @@ from .errors import RunFailed, UserError
 from .metrics import read_summary, write_summary
 from .run_lock import LOCK_FILE, RunLock, RunLocked
 
-FAILED_SWEEP_RUNS: list[str] = []  # run directories of a multirun whose job failed
+# A sweep's failed jobs, one run directory a line, in its sweep directory: the jobs may run in other
+# processes (the joblib launcher), so they append to a file that the sweep's own process reads at the end.
+FAILED_RUNS_FILE = ".failed-runs"
+PARALLEL_LAUNCHERS = ("JoblibLauncher",)  # local sweeps whose jobs share this machine's cores
+SWEEP_DIR: list[Path] = []  # set by SweepOutcome in the process that runs the sweep
 
 
 @hydra.main(version_base="1.3", config_path="pkg://moa_train.conf", config_name="config")
@@ -33,7 +37,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # A sweep run in this process (the basic launcher, one rank) records a failed run and goes on;
     # elsewhere a failure must end the process non-zero: the launcher (submitit) reports it, and
     # torchrun tears down the other ranks instead of leaving them waiting at a collective.
-    goes_on = in_sweep and world_size == 1 and hydra_cfg.launcher._target_.endswith("BasicLauncher")
+    launcher = hydra_cfg.launcher._target_.rsplit(".", 1)[-1]
+    goes_on = in_sweep and world_size == 1 and launcher in ("BasicLauncher", *PARALLEL_LAUNCHERS)
+    if launcher in PARALLEL_LAUNCHERS and cfg.train.threads is None:
+        # Jobs side by side on the cores: each takes its share of threads instead of all of them (two torch
+        # processes with all cores each slow each other down by an order of magnitude).
+        cfg.train.threads = max(1, (os.cpu_count() or 1) // _parallel_jobs(hydra_cfg.launcher.get("n_jobs")))
     fresh = _only_hydra_records(run_dir)
     # One writer per run directory: rank 0 holds its lock for the whole run, taken before anything heavy is
     # imported so that a second process stops within seconds (torchrun then ends that job's other ranks).
@@ -48,7 +57,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
             _remove_hydra_records(run_dir)  # a dry run trains nothing and leaves no run directory
     except RunFailed as exc:  # summary.json already says how it ended
         if in_sweep:
-            FAILED_SWEEP_RUNS.append(str(run_dir))
+            _note_failed_run(run_dir)
         print(f"moa-train: {exc}", file=sys.stderr)
         if not goes_on:
             sys.exit(1)
@@ -56,7 +65,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except Exception as exc:
         if isinstance(exc, RunLocked):  # the directory is another process's: touch nothing in it
             if in_sweep:
-                FAILED_SWEEP_RUNS.append(str(run_dir))
+                _note_failed_run(run_dir)
         elif isinstance(exc, UserError) and fresh and rank == 0 and not in_sweep:
             _remove_hydra_records(run_dir)  # refused before training: leave no directory behind
         elif in_sweep:
@@ -96,7 +105,7 @@ def _remove_hydra_records(run_dir: Path) -> None:
 
 def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
     """summary.json with status failed (moa-report lists it), unless the run had already completed."""
-    FAILED_SWEEP_RUNS.append(str(run_dir))
+    _note_failed_run(run_dir)
     if launched_ranks()[0] != 0 or (read_summary(run_dir) or {}).get("status") == "completed":
         return
     try:
@@ -105,6 +114,42 @@ def _record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
         config = OmegaConf.to_container(cfg, resolve=False)
     write_summary(run_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "val_loss": None,
                             "config": config})
+
+
+def _parallel_jobs(n_jobs) -> int:
+    """How many jobs joblib runs at once for its n_jobs (None: 1; -1: one per core; -2: all cores but one)."""
+    cores = os.cpu_count() or 1
+    if not n_jobs:
+        return 1
+    return max(1, n_jobs if n_jobs > 0 else cores + 1 + n_jobs)
+
+
+def _note_failed_run(run_dir: Path) -> None:
+    try:
+        sweep_dir = Path(HydraConfig.get().sweep.dir)
+        with open(sweep_dir / FAILED_RUNS_FILE, "a") as f:  # one short appended line: atomic across processes
+            f.write(f"{run_dir}\n")
+    except OSError:
+        pass
+
+
+def failed_sweep_runs() -> list[str]:
+    """The run directories of this process's sweep whose job failed (read at the end of the sweep)."""
+    if not SWEEP_DIR:
+        return []
+    try:
+        return [line for line in (SWEEP_DIR[0] / FAILED_RUNS_FILE).read_text().splitlines() if line]
+    except OSError:
+        return []
+
+
+class SweepOutcome(Callback):
+    """Starts a sweep's record of failed jobs afresh (a rerun retries them) and remembers where it is."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(os.path.abspath(config.hydra.sweep.dir))
+        SWEEP_DIR[:] = [sweep_dir]
+        (sweep_dir / FAILED_RUNS_FILE).unlink(missing_ok=True)
 
 
 class WritableOutputDir(Callback):
@@ -145,9 +190,8 @@ def main() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=worker"]
     if world_size == 1:
         hydra_main()
-        if FAILED_SWEEP_RUNS:
-            print(f"moa-train: {len(FAILED_SWEEP_RUNS)} run(s) of the sweep failed: {', '.join(FAILED_SWEEP_RUNS)}",
-                  file=sys.stderr)
+        if failed := failed_sweep_runs():
+            print(f"moa-train: {len(failed)} run(s) of the sweep failed: {', '.join(failed)}", file=sys.stderr)
             sys.exit(2)
         return
     # gloo's threads can outlive destroy_process_group and abort the interpreter's teardown now and

@@ -195,9 +195,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, float32 on CPU
     compile: bool | None = None  # None: on for CUDA, off on CPU (no gain at small CPU sizes)
+    # Recompute blocks' activations in the backward pass to save memory: none | full (every block) |
+    # selective (every activation_checkpointing_every-th block)
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
     progress: bool = True
     threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
-    peak_tflops: float | None = None  # per device, for MFU; None: looked up for known GPUs, no MFU on CPU
+    # Per device, for MFU; None: the datasheet figure of a known GPU, or on CPU a matmul probe (hardware.py)
+    peak_tflops: float | None = None
     ckpt_every: int | None = 1000  # steps between checkpoints; None: only at the end and on SIGTERM/SIGUSR1
     ckpt_at_end: bool = True
     keep_checkpoints: int | None = 3  # newest complete checkpoints kept; None: all
@@ -227,8 +232,9 @@ class RunConfig:
 # (train.py skips it; the run directory's name leaves them out, so rerunning with other values
 # finds it), and runs that differ only there are compared (moa-report). A key covers its subkeys.
 NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
-               "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops", "logger",
-               "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify")
+               "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops",
+               "train.activation_checkpointing", "train.activation_checkpointing_every", "logger", "dry_run", "dist",
+               "sweep", "hydra", "data.cache_dir", "data.verify")
 
 
 def run_name(overrides) -> str:
@@ -291,6 +297,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 BUDGET_COUNTS = ("total", "active", "non_embedding")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # parallel.apply_activation_checkpointing
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 MODEL_FAMILIES = ("dense", "moe")
@@ -318,6 +325,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check_budget(cfg.budget)
     _check_dist_and_logger(cfg.dist, cfg.logger)
     _check_train(cfg.train)
+    every = cfg.train.activation_checkpointing_every
+    if cfg.train.activation_checkpointing == "selective" and every > cfg.model.n_layers:
+        raise ConfigError("train.activation_checkpointing_every",
+                          f"{every} is more than the model's "
+                          f"{cfg.model.n_layers} blocks, so no block would be checkpointed.",
+                          f"1 to {cfg.model.n_layers} (1 is full)")
 
 
 def _check_model(m: DictConfig) -> None:
@@ -414,6 +427,8 @@ def _check_train(t: DictConfig) -> None:
             raise ConfigError("train.device", f"'{t.device}' requested but no CUDA device is available.",
                               "auto, cpu")
     check_choice("train.dtype", t.dtype, DTYPES)
+    check_choice("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    check_positive("train.activation_checkpointing_every", t.activation_checkpointing_every)
     if t.eval_tokens < t.seq_len:
         raise ConfigError("train.eval_tokens",
                           f"{t.eval_tokens} is shorter than one sequence (train.seq_len={t.seq_len}).")

@@ -1,17 +1,21 @@
 """Where the model meets the hardware: precision, compilation and data parallelism, in one place.
 
-Order matters and follows torchtitan: compile each block, then shard (FSDP2 `fully_shard` per
-block and on the root) or replicate (DDP). The model file knows nothing of any of it.
+Order matters and follows torchtitan: activation checkpointing of the chosen blocks, then compile each
+block, then shard (FSDP2 `fully_shard` per block and on the root) or replicate (DDP). The model file
+knows nothing of any of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .distributed import DistEnv
+from .utils import recomputing
 
 
 def use_bf16(device: torch.device, dtype: str) -> bool:
@@ -42,8 +46,39 @@ def allow_recompiles(limit: int = 64) -> None:
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
 
 
-def parallelize(model: nn.Module, env: DistEnv, compile: bool | None, dtype: str = "auto") -> nn.Module:
+def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
+    """The blocks whose activations are recomputed in the backward pass: none, all (full), or every
+    `every`-th block (selective; the last of each group, so a model of fewer blocks keeps them all)."""
+    if mode == "full":
+        return list(range(n_layers))
+    if mode == "selective":
+        return [i for i in range(n_layers) if (i + 1) % every == 0]
+    return []
+
+
+def _recompute_contexts():
+    return contextlib.nullcontext(), recomputing()
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) -> list[int]:
+    """Keep only each chosen block's input in the forward pass and recompute the rest in the backward: less
+    memory for one more forward of those blocks. The block's forward is replaced on the instance, so
+    parameter names, checkpoints and exports are those of a model without it. Forward side effects (the MoE
+    load counts) are skipped in the recomputation (utils.recomputing)."""
+    chosen = checkpointed_blocks(len(model.layers), mode, every)
+    for i in chosen:
+        block = model.layers[i]
+        # Only a block with side effects gets the recomputation flag: torch.compile traces the default contexts
+        side_effects = any(getattr(m, "has_forward_side_effects", False) for m in block.modules())
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False,
+                                          **({"context_fn": _recompute_contexts} if side_effects else {}))
+    return chosen
+
+
+def parallelize(model: nn.Module, env: DistEnv, compile: bool | None, dtype: str = "auto",
+                activation_checkpointing: str = "none", checkpoint_every: int = 2) -> nn.Module:
     allow_recompiles()
+    apply_activation_checkpointing(model, activation_checkpointing, checkpoint_every)
     if compile is None:
         compile = env.device.type == "cuda"
     if compile:

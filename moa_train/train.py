@@ -34,7 +34,7 @@ from .checkpoint import (
     set_aside,
 )
 from .config import NOT_THE_RUN, to_container, validate_config
-from .data import PackedBatches, PreparedData, prepare_data, resolve_vocab_size, validation_batches
+from .data import PackedBatches, PreparedData, cache_root, prepare_data, resolve_vocab_size, validation_batches
 from .distributed import (
     DistEnv,
     any_rank,
@@ -49,6 +49,7 @@ from .errors import DataError, RunFailed, UserError
 from .evaluation import evaluate
 from .ffn import GateDetail, Gates, gate_entry_names, mean_gates
 from .gate_report import GATES_FILE, gate_summary
+from .hardware import cpu_peak_flops, peak_memory_mib, reset_peak_memory
 from .metrics import MetricLoggers, read_summary, write_summary
 from .moe import expert_load_statistics, update_load_balance
 from .optim import build_optimizer, set_lr
@@ -196,6 +197,47 @@ def checkpoint_to_resume(run_dir: Path, resume: str, env: DistEnv) -> Path | Non
     return Path(value) if kind == "path" else None
 
 
+def step_logger(console: bool) -> logging.Logger:
+    """The periodic step lines of train.log, for those who read logs rather than bars; on the console as well
+    when no progress bar shows the same figures."""
+    logger = logging.getLogger("moa_train.steps")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.handlers = [h for h in logging.getLogger().handlers if console or isinstance(h, logging.FileHandler)]
+    return logger
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 12m05s, 3h07m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def step_line(row: dict, val_loss: float | None, total_steps: int, eta_s: float) -> str:
+    """One plain line of a step: step, losses, lr, throughput, MFU, memory and the time left."""
+    parts = [f"step {row['step']}/{total_steps}", f"loss {row['train_loss']:.4f}"]
+    if val_loss is not None:
+        parts.append(f"val {val_loss:.4f}")
+    parts += [f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:,.0f} tok/s"]
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    parts += [f"mem {row['peak_memory_mib']:,.0f} MiB", f"eta {duration(eta_s)}"]
+    return " | ".join(parts)
+
+
+def progress_figures(row: dict, val_loss: float | None) -> dict[str, str]:
+    """What the progress bar shows after the step counter."""
+    figures = {"loss": f"{row['train_loss']:.3f}", "val": f"{val_loss:.3f}" if val_loss else "-",
+               "lr": f"{row['lr']:.1e}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+    if row.get("mfu") is not None:
+        figures["mfu"] = f"{100 * row['mfu']:.1f}%"
+    return figures
+
+
 def finished_summary(run_dir: Path, config: dict, steps: int) -> dict | None:
     """The summary of a completed run of this configuration in run_dir, if there is one."""
     summary = read_summary(run_dir) or {}
@@ -269,11 +311,15 @@ class Trainer:
                                                cfg.model.n_layers, cfg.train.seq_len, cfg.model.tie_embeddings)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None,
                                      cfg.train.peak_tflops)
+        if self.peak_flops is None and env.device.type == "cpu":  # measured once per machine (hardware.py)
+            self.peak_flops = cpu_peak_flops(cache_root(cfg.data))
+        self.step_log = step_logger(console=not (cfg.train.progress and env.is_main))
 
     def fit(self) -> None:
         cfg, plan, state = self.cfg.train, self.plan, self.state
         progress = tqdm(range(state.step, plan.steps), initial=state.step, total=plan.steps, desc="train",
                         dynamic_ncols=True, disable=not (cfg.progress and self.env.is_main))
+        session_start, session_first_step = time.perf_counter(), state.step  # for the ETA
         with StopRequest() as stop:
             for step in progress:
                 row = self.train_step(step)
@@ -285,8 +331,9 @@ class Trainer:
                     row.update(self.evaluate())
                 if "val_loss" in row or state.step % cfg.log_every == 0:
                     self.loggers.log({**row, "elapsed_s": state.elapsed()})
-                progress.set_postfix(loss=f"{state.train_loss:.3f}",
-                                     val=f"{state.val_loss:.3f}" if state.val_loss else "-")
+                    per_step = (time.perf_counter() - session_start) / (state.step - session_first_step)
+                    self.step_log.info(step_line(row, state.val_loss, plan.steps, per_step * (plan.steps - state.step)))
+                progress.set_postfix(progress_figures(row, state.val_loss), refresh=False)
 
                 stopping = any_rank(stop.signal is not None, self.env.device)
                 if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and state.step < plan.steps) or stopping:
@@ -304,6 +351,7 @@ class Trainer:
         """One optimizer step over the step's micro-batches; returns its metrics row."""
         lr_scale = lr_multiplier(self.cfg.schedule, step, self.plan.steps)
         set_lr(self.optimizer, lr_scale)
+        reset_peak_memory(self.env.device)
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=self.env.device)
         for micro, x, y in self.step_samples(step):
@@ -335,6 +383,7 @@ class Trainer:
         row["tokens_per_s"] = tokens_per_s = self.plan.tokens_per_step / (time.perf_counter() - started)
         if (utilisation := mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.env.world_size)) is not None:
             row["mfu"] = utilisation
+        row["peak_memory_mib"] = peak_memory_mib(self.env.device)
         return row
 
     def step_samples(self, step: int):
@@ -358,6 +407,7 @@ class Trainer:
     def log_start(self) -> None:
         """The row before training, as nanoGPT's iter 0: the untrained model's losses on the validation set and on
         the first step's samples; no step has run, so there is no throughput or gradient norm."""
+        reset_peak_memory(self.env.device)
         self.state.initial_val_loss, gates = self.validation()
         self.state.val_loss = self.state.initial_val_loss
         self.model.eval()  # measured, not trained on: MoE load statistics and balance losses stay untouched
@@ -368,7 +418,8 @@ class Trainer:
                                                                                             self.plan.steps),
                           "train_loss": mean_across_ranks(first_loss).item(), "grad_norm": None, "tokens_per_s": None,
                           "val_loss": self.state.val_loss, "elapsed_s": self.state.elapsed(),
-                          **({"mix": gates} if gates else {})})
+                          **({"mfu": None} if self.peak_flops else {}),
+                          "peak_memory_mib": peak_memory_mib(self.env.device), **({"mix": gates} if gates else {})})
 
     def validation(self) -> tuple[float, dict]:
         """The validation loss and the mean gate per layer and dictionary entry."""

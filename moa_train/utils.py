@@ -1,7 +1,9 @@
-"""Small helpers with no dependency on the rest of the package: paths and dotted config keys."""
+"""Small helpers with no dependency on the rest of the package: paths, dotted config keys, and the flag
+of an activation-checkpointing recomputation."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -32,3 +34,21 @@ def flatten(tree, prefix: str = "") -> dict[str, Any]:
 def under(key: str, prefixes: tuple[str, ...]) -> bool:
     """Whether a dotted key is one of `prefixes` or inside one of them."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+_RECOMPUTING = [False]
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Set while activation checkpointing recomputes a block's forward in the backward pass (parallel.py), so
+    that forward side effects (the MoE layer's load counts) happen once per micro-batch, not twice."""
+    _RECOMPUTING[0] = True
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] = False
+
+
+def in_recomputation() -> bool:
+    return _RECOMPUTING[0]

@@ -27,6 +27,27 @@ def test_bench_reports_variants_against_baselines(tmp_path, capsys):
     assert report["machine"]["threads"] >= 1
 
 
+def test_bench_compares_the_values_of_one_key(tmp_path):
+    """--compare: each value of a key against the first; activation checkpointing saves for backward only what
+    the checkpointed blocks need (their input), so the full arm saves far less."""
+    out = tmp_path / "bench.json"
+    main(["--compare", "train.activation_checkpointing=none,full", "--steps", "1", "--warmup", "1", "--rounds", "1",
+          "--json", str(out), "model=tiny", "train.batch_size=2", "train.seq_len=64"])
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["results"]}
+    none, full = rows["train.activation_checkpointing=none"], rows["train.activation_checkpointing=full"]
+    assert list(rows) == ["train.activation_checkpointing=none", "train.activation_checkpointing=full"]
+    assert full["baseline"] == "train.activation_checkpointing=none" and none["time_ratio"] == 1.0
+    assert full["saved_mb"] < 0.5 * none["saved_mb"]
+    assert full["params"] == none["params"]
+
+
+@pytest.mark.parametrize("compare", ["train.activation_checkpointing=none", "=a,b", "train.threads"])
+def test_bench_refuses_a_comparison_of_fewer_than_two_values(compare, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--compare", compare, "model=tiny"])
+    assert info.value.code == 2 and "--compare" in capsys.readouterr().err
+
+
 def test_bench_refuses_unknown_variants():
     with pytest.raises(SystemExit, match="nope"):
         main(["--variants", "moa1,nope"])

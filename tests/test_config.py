@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -217,6 +218,32 @@ def test_an_extended_sweep_finds_its_finished_runs(tmp_path):
     assert runs == sorted([first.name, first.name.replace("optim.lr=0.001", "optim.lr=0.002")])
     assert (first / "summary.json").stat().st_mtime_ns == stamp and "already complete" in extended.stderr
     assert (first / "train.log").read_text() == log_before  # a study's committed logs are not appended to
+
+
+def test_a_parallel_local_sweep_shares_the_cores_and_matches_a_sequential_one(tmp_path):
+    """hydra/launcher=joblib runs jobs side by side, each with its share of the threads; a seeded run's numbers do
+    not depend on how the jobs were scheduled; a failed job is listed at the end (exit 2) although it ran in
+    another process."""
+    common = ("-m", "model=tiny", "train.max_steps=3", "train.batch_size=2", "train.seq_len=32",
+              "train.eval_tokens=256", "train.eval_every=3", "train.progress=false", "optim.grad_clip=0",
+              "optim.lr=1e6,1e-3,2e-3")
+    sequential = run_cli(*common, "train.threads=1", f"hydra.sweep.dir={tmp_path / 'basic'}")
+    parallel = run_cli(*common, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                       f"hydra.sweep.dir={tmp_path / 'joblib'}")
+    for result in (sequential, parallel):
+        assert result.returncode == 2 and "1 run(s) of the sweep failed" in result.stderr, result.stderr[-2000:]
+        assert "optim.lr=1000000.0" in result.stderr.split("failed:")[-1]
+
+    def outcomes(sweep):
+        return {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / sweep).glob("*/summary.json")}
+
+    basic, joblib = outcomes("basic"), outcomes("joblib")
+    assert basic.keys() == joblib.keys() and len(basic) == 3
+    for name, summary in joblib.items():
+        assert summary["status"] == basic[name]["status"]
+        assert summary["val_loss"] == basic[name]["val_loss"]  # bitwise: the same run however scheduled
+        assert summary["config"]["train"]["threads"] == max(1, (os.cpu_count() or 1) // 2)
+    assert sorted(s["status"] for s in joblib.values()) == ["completed", "completed", "diverged"]
 
 
 def test_dry_run_and_refused_config_leave_no_run_directory(tmp_path):

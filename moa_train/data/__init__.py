@@ -15,7 +15,8 @@ Below: what the rest of the package uses; anything else is imported from its sta
 from .cache import PreparedData, prepare_data
 from .checks import check_data_config
 from .loader import PackedBatches, validation_batches
+from .sources import cache_root
 from .tokenizer import resolve_vocab_size
 
-__all__ = ["PackedBatches", "PreparedData", "check_data_config", "prepare_data", "resolve_vocab_size",
+__all__ = ["PackedBatches", "PreparedData", "cache_root", "check_data_config", "prepare_data", "resolve_vocab_size",
            "validation_batches"]

@@ -18,12 +18,15 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from ..ffn import build_ffn
+from ..utils import in_recomputation
 from .dispatch import combine, gather_tokens, sort_by_expert
 from .experts import GroupedExperts, expert_hidden_dim
 from .router import Router
 
 
 class MoE(nn.Module):
+    has_forward_side_effects = True  # the load counts: parallel.apply_activation_checkpointing keeps them single
+
     def __init__(self, dim: int, moe_cfg: DictConfig, ffn_cfg: DictConfig, multiple_of: int):
         super().__init__()
         hidden = expert_hidden_dim(moe_cfg.expert_hidden, ffn_cfg.name, multiple_of)
@@ -59,7 +62,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, experts, scores = self.router(x)
         dispatch = sort_by_expert(experts, self.n_experts)
-        if self.training:
+        if self.training and not in_recomputation():  # counted once, also under activation checkpointing
             self.step_load += dispatch.counts.to(self.step_load.dtype)
             self.aux_loss = self._aux_loss(dispatch.counts, scores) if self.aux_loss_coef else None
         rows = self.experts(gather_tokens(x, dispatch), dispatch.counts, dispatch.expert_ids)

@@ -1,0 +1,99 @@
+"""What the machine can do and what a step used: the peak FLOP/s that MFU divides by, and peak memory.
+
+A GPU's peak is a datasheet figure (budget.PEAK_BF16_FLOPS). A CPU has no such figure that a run could
+trust (cores, vector width, clocks and the BLAS differ), so it is measured: a few float32 matmuls large
+enough to run at the BLAS's best, once per machine, thread count and torch version, remembered in
+`cpu-peak-flops.json` beside the data cache (`$MOA_TRAIN_CACHE`). MFU on CPU is therefore a share of the
+matmul rate this machine reaches, not of a theoretical peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_FILE = "cpu-peak-flops.json"
+PROBE_SIZE = 1024  # 2.1 GFLOP a matmul: ~15 ms at 150 GFLOP/s, large enough for the BLAS's blocked kernels
+PROBE_REPEATS = 8
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_flops(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> float:
+    """The best float32 matmul rate of this process's threads, in FLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # the BLAS's first call sets up its buffers and threads
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2.0 * size**3 / best
+
+
+def cpu_peak_flops(directory: Path) -> float:
+    """The measured float32 matmul peak of this CPU at the current thread count, cached in `directory` (the data
+    cache's) per machine."""
+    key = f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    path = directory / PEAK_FILE
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)) and known[key] > 0:
+        return float(known[key])
+    peak = measure_matmul_flops()
+    try:  # a cache that cannot be written costs one probe per run, nothing more
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**known, key: peak}, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return peak
+
+
+# ----------------------------------------------------------------------------- peak memory of a step
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new high-water mark: CUDA's allocator statistics, or on Linux the process's peak resident
+    set (writing 5 to clear_refs resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:  # not Linux, or not allowed: the mark is then the process's lifetime peak
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Since the last reset: CUDA's maximum allocated memory, or the CPU process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if platform.system() == "Darwin" else maxrss / 1024  # bytes on macOS, kB elsewhere

@@ -1,0 +1,179 @@
+"""What a step reports (MFU on every device, peak memory, train.log's step lines, the progress bar) and
+activation checkpointing: the same losses with less memory."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import compose_config, read_jsonl, run_cli
+from moa_train import hardware
+from moa_train.builder import build_model
+from moa_train.config import validate_config
+from moa_train.distributed import DistEnv
+from moa_train.errors import ConfigError
+from moa_train.moe.layer import MoE
+from moa_train.parallel import checkpointed_blocks
+from moa_train.train import duration, progress_figures, step_line
+
+CPU = DistEnv("none", 0, 1, 0, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- MFU and memory
+
+
+def test_the_cpu_peak_is_measured_once_per_machine_and_thread_count(tmp_path, monkeypatch):
+    probes = []
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda: probes.append(1) or 1.5e11)
+    assert hardware.cpu_peak_flops(tmp_path) == 1.5e11
+    assert hardware.cpu_peak_flops(tmp_path) == 1.5e11
+    assert len(probes) == 1  # the second call read the cache
+    cached = json.loads((tmp_path / hardware.PEAK_FILE).read_text())
+    (key,) = cached
+    assert f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # another thread count is another peak
+        hardware.cpu_peak_flops(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(probes) == 2 and len(json.loads((tmp_path / hardware.PEAK_FILE).read_text())) == 2
+
+
+def test_an_unreadable_peak_cache_is_measured_again(tmp_path, monkeypatch):
+    (tmp_path / hardware.PEAK_FILE).write_text("{not json")
+    monkeypatch.setattr(hardware, "measure_matmul_flops", lambda: 2e11)
+    assert hardware.cpu_peak_flops(tmp_path) == 2e11
+    assert list(json.loads((tmp_path / hardware.PEAK_FILE).read_text()).values()) == [2e11]
+
+
+def test_the_matmul_probe_measures_a_plausible_rate():
+    rate = hardware.measure_matmul_flops(size=256, repeats=3)
+    assert 1e8 < rate < 1e14  # between a very slow core and far more than any CPU
+
+
+def test_peak_memory_follows_the_step_not_the_process():
+    device = torch.device("cpu")
+    hardware.reset_peak_memory(device)
+    before = hardware.peak_memory_mib(device)
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    with_big = hardware.peak_memory_mib(device)
+    del big
+    hardware.reset_peak_memory(device)
+    after = hardware.peak_memory_mib(device)
+    assert with_big - before > 48
+    assert after < with_big - 48  # the reset forgot the freed tensor's peak
+
+
+# ----------------------------------------------------------------------------- step lines and progress bar
+
+
+def test_duration_and_step_line():
+    assert [duration(s) for s in (0, 45.4, 725, 11220)] == ["0s", "45s", "12m05s", "3h07m"]
+    row = {"step": 120, "train_loss": 5.23412, "lr": 3e-3, "tokens_per_s": 24512.3, "mfu": 0.1823,
+           "peak_memory_mib": 411.6}
+    assert step_line(row, 5.30119, 300, 72) == ("step 120/300 | loss 5.2341 | val 5.3012 | lr 3.00e-03 | "
+                                                "24,512 tok/s | mfu 18.2% | mem 412 MiB | eta 1m12s")
+    assert step_line({**row, "mfu": None}, None, 300, 5) == ("step 120/300 | loss 5.2341 | lr 3.00e-03 | "
+                                                             "24,512 tok/s | mem 412 MiB | eta 5s")
+    assert progress_figures(row, None) == {"loss": "5.234", "val": "-", "lr": "3.0e-03", "tok/s": "24,512",
+                                           "mfu": "18.2%"}
+
+
+STEP_LINE = re.compile(r"step (\d+)/20 \| loss [\d.]+ \|( val [\d.]+ \|)? lr [\d.e+-]+ \| [\d,]+ tok/s \| "
+                       r"mfu [\d.]+% \| mem [\d,]+ MiB \| eta \w+")
+
+
+def test_a_cpu_run_logs_mfu_and_memory_in_every_row_and_step_lines_in_train_log(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("model=tiny", "train.max_steps=20", "train.eval_every=10", "train.log_every=5",
+                     f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
+    for row in rows:
+        assert "mfu" in row and row["peak_memory_mib"] > 50  # torch alone holds more than that
+    for row in rows[1:]:
+        assert 0 < row["mfu"] < 1
+    lines = [m.group(0) for m in STEP_LINE.finditer((run_dir / "train.log").read_text())]
+    assert [int(STEP_LINE.match(line).group(1)) for line in lines] == [5, 10, 15, 20]
+    assert "val" in lines[1] and "eta 0s" in lines[-1]
+    assert "mfu=" in result.stderr and "tok/s=" in result.stderr  # the progress bar shows them too
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+
+def test_which_blocks_are_checkpointed():
+    assert checkpointed_blocks(8, "none", 2) == []
+    assert checkpointed_blocks(8, "full", 2) == list(range(8))
+    assert checkpointed_blocks(8, "selective", 2) == [1, 3, 5, 7]
+    assert checkpointed_blocks(8, "selective", 3) == [2, 5]
+    assert checkpointed_blocks(3, "selective", 1) == [0, 1, 2]
+
+
+def _train(overrides: tuple[str, ...], steps: int = 6):
+    cfg = compose_config("model.n_layers=4", "train.seq_len=64", *overrides)
+    model = build_model(cfg, CPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses, loads = [], []
+    for _ in range(steps):
+        tokens = torch.randint(0, cfg.model.vocab_size, (4, 65), generator=generator)
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        loads.append([m.step_load.clone() for m in model.modules() if isinstance(m, MoE)])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.step_load.zero_()
+        losses.append(loss.item())
+    return losses, loads, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_moe"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_changes_no_number(model, mode):
+    """The same losses, weights and MoE load counts (the recomputation does not count tokens twice)."""
+    base = ("model=" + model, "ffn=qd_moa")
+    plain = _train(base)
+    checkpointed = _train((*base, f"train.activation_checkpointing={mode}"))
+    assert plain[0] == pytest.approx(checkpointed[0], rel=1e-6, abs=0)
+    for a, b in zip(plain[1], checkpointed[1]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if model == "tiny_moe":
+        assert plain[1][0] and plain[1][0][0].sum() > 0  # loads were counted, once
+    assert plain[2].keys() == checkpointed[2].keys()  # parameter names unchanged: checkpoints interchange
+    for key, value in plain[2].items():
+        torch.testing.assert_close(value, checkpointed[2][key], rtol=1e-5, atol=1e-7)
+
+
+def test_activation_checkpointing_recomputes_the_chosen_blocks():
+    """Checkpointed blocks run their forward twice per step (once more in the backward), the others once."""
+    cfg = compose_config("model=tiny", "model.n_layers=4", "train.seq_len=32",
+                         "train.activation_checkpointing=selective")
+    model = build_model(cfg, CPU)
+    calls = [0] * 4
+    for i, block in enumerate(model.layers):
+        block.attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 33))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert calls == [1, 2, 1, 2]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("train.activation_checkpointing=some",), "train.activation_checkpointing"),
+    (("train.activation_checkpointing=selective", "train.activation_checkpointing_every=0"),
+     "train.activation_checkpointing_every"),
+    (("model=tiny", "train.activation_checkpointing=selective", "train.activation_checkpointing_every=9"),
+     "train.activation_checkpointing_every"),
+])
+def test_bad_activation_checkpointing_values_are_refused(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config(*overrides))
+    assert info.value.key == key
+    assert "none, full, selective" in str(info.value) or "1 to" in str(info.value) or "must be" in str(info.value)
