@@ -16,10 +16,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .config import register_configs
-from .distributed import launched_ranks
 from .errors import RunFailed, UserError
 from .metrics import read_summary, write_summary
 from .run_lock import LOCK_FILE, RunLock, RunLocked
+from .utils import launched_ranks
 
 # A sweep's failed jobs, one run directory a line, in its sweep directory: the jobs may run in other
 # processes (the joblib launcher), so they append to a file that the sweep's own process reads at the end.

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError
+from .utils import launched_ranks
 
 DIST_MODES = ("auto", "none", "ddp", "fsdp")
 
@@ -35,24 +36,6 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
-
-
-def _export_submitit_ranks() -> None:
-    """Jobs of Hydra's submitit launcher run one task per GPU without torchrun: set what it would."""
-    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return
-    try:
-        from submitit.helpers import TorchDistributedEnvironment
-    except ImportError:
-        return
-    TorchDistributedEnvironment().export()
-
-
-def launched_ranks() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) as torchrun (or the submitit launcher) set them, or one process."""
-    _export_submitit_ranks()
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def resolve_mode(requested: str, world_size: int) -> str:

@@ -1,5 +1,6 @@
-"""Small helpers with no dependency on the rest of the package: paths, dotted config keys, and the flag
-of an activation-checkpointing recomputation."""
+"""Small helpers with no dependency on the rest of the package (nor on torch, so that the CLI starts fast):
+paths, dotted config keys, the ranks a launcher gave this process, and the flag of an
+activation-checkpointing recomputation."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def recomputing():
 
 def in_recomputation() -> bool:
     return _RECOMPUTING[0]
+
+
+def _export_submitit_ranks() -> None:
+    """Jobs of Hydra's submitit launcher run one task per GPU without torchrun: set what it would."""
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return
+    TorchDistributedEnvironment().export()
+
+
+def launched_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun (or the submitit launcher) set them, or one process."""
+    _export_submitit_ranks()
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))

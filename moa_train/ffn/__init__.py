@@ -6,9 +6,24 @@
 - kernels.py      the fused, recompute-in-backward mixing kernels (product_mix, pair_mix)
 """
 
-from .feedforward import FeedForward, build_ffn, validate_ffn_config
-from .gates import GateDetail, GateRecorder, Gates, gate_entry_names, mean_gates, recording_gates
+
+import importlib
+
 from .registry import FFN_REGISTRY, FFNSpec, ffn_hidden_dim
+
+# The torch-backed names load on first use, so that the config schema (which reads the registry) and with it
+# `moa-train --help` do not import torch.
+_LAZY = {"FeedForward": "feedforward", "build_ffn": "feedforward", "validate_ffn_config": "feedforward",
+         "GateDetail": "gates", "GateRecorder": "gates", "Gates": "gates", "gate_entry_names": "gates",
+         "mean_gates": "gates", "recording_gates": "gates"}
 
 __all__ = ["FFN_REGISTRY", "FFNSpec", "FeedForward", "GateDetail", "GateRecorder", "Gates", "build_ffn",
            "ffn_hidden_dim", "gate_entry_names", "mean_gates", "recording_gates", "validate_ffn_config"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
