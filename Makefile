@@ -47,10 +47,13 @@ lint: install
 # side by side (hydra/launcher=joblib): STUDY_JOBS=-1 is one per core, each with one torch thread.
 STUDY ?= cpu_study
 STUDY_DIR ?= docs/results/$(STUDY)
+# Each job process compiles an architecture once (about 11 s) and reuses it for that architecture's runs,
+# 1.2-1.3x faster than eager at dense_80k; threads and compile change only the last digits (NOT_THE_RUN).
 STUDY_JOBS ?= -1
+STUDY_FLAGS ?= train.compile=true
 study: install
 	@start=$$(date +%s); \
-	$(VENV)/bin/moa-train sweep=$(STUDY) hydra/launcher=joblib hydra.launcher.n_jobs=$(STUDY_JOBS) \
+	$(VENV)/bin/moa-train sweep=$(STUDY) hydra/launcher=joblib hydra.launcher.n_jobs=$(STUDY_JOBS) $(STUDY_FLAGS) \
 		hydra.sweep.dir=$(STUDY_DIR)/runs; status=$$?; \
 	sed -i 's|^    cwd: .*|    cwd: .|' $(STUDY_DIR)/runs/multirun.yaml; \
 	$(VENV)/bin/moa-report $(STUDY_DIR)/runs --out $(STUDY_DIR) && \

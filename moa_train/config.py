@@ -233,8 +233,8 @@ class RunConfig:
 # finds it), and runs that differ only there are compared (moa-report). A key covers its subkeys.
 NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
                "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops",
-               "train.activation_checkpointing", "train.activation_checkpointing_every", "logger", "dry_run", "dist",
-               "sweep", "hydra", "data.cache_dir", "data.verify")
+               "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile", "logger",
+               "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify")
 
 
 def run_name(overrides) -> str:
