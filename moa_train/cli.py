@@ -125,9 +125,10 @@ def _parallel_jobs(n_jobs) -> int:
 
 
 def _note_failed_run(run_dir: Path) -> None:
+    if not HydraConfig.initialized():  # called outside a Hydra job: no sweep to tell
+        return
     try:
-        sweep_dir = Path(HydraConfig.get().sweep.dir)
-        with open(sweep_dir / FAILED_RUNS_FILE, "a") as f:  # one short appended line: atomic across processes
+        with open(Path(HydraConfig.get().sweep.dir) / FAILED_RUNS_FILE, "a") as f:  # one short line: atomic
             f.write(f"{run_dir}\n")
     except OSError:
         pass
