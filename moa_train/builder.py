@@ -24,6 +24,7 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     with env.device:
         model = Transformer(cfg.model, cfg.ffn)
     model.init_weights()
+    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     return parallelize(model, env, cfg.train.compile, cfg.train.dtype, cfg.train.activation_checkpointing,
                        cfg.train.activation_checkpointing_every)
 

@@ -112,6 +112,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # How torch's AdamW steps the parameters (the numbers agree to float rounding): fused (one kernel
+    # per parameter, CPU and GPU) | foreach (per-op over all tensors) | for-loop (per tensor)
+    implementation: str = "fused"
     groups: OptimGroups = field(default_factory=OptimGroups)
     muon: MuonConfig = field(default_factory=MuonConfig)
 
@@ -199,6 +202,9 @@ class TrainConfig:
     # selective (every activation_checkpointing_every-th block)
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
+    # The output head and cross-entropy computed this many tokens at a time, gradients included, so the
+    # whole logits tensor never exists (loss.py); 0: plain F.cross_entropy over all logits
+    loss_chunk_tokens: int = 512
     progress: bool = True
     threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
     # Per device, for MFU; None: the datasheet figure of a known GPU, or on CPU a matmul probe (hardware.py)
@@ -234,6 +240,7 @@ class RunConfig:
 NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
                "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops",
                "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile", "logger",
+               "train.loss_chunk_tokens", "optim.implementation",
                "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify")
 
 
@@ -297,6 +304,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 BUDGET_COUNTS = ("total", "active", "non_embedding")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # parallel.apply_activation_checkpointing
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -373,6 +381,7 @@ def _check_optim(o: DictConfig) -> None:
     check_positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     check_positive("optim.eps", o.eps)
     check_positive("optim.grad_clip", o.grad_clip, allow_zero=True)
+    check_choice("optim.implementation", o.implementation, ADAMW_IMPLEMENTATIONS)
     for role in ROLES:
         check_positive(f"optim.groups.{role}.lr", o.groups[role].lr)
         check_positive(f"optim.groups.{role}.weight_decay", o.groups[role].weight_decay, allow_zero=True)
@@ -410,6 +419,18 @@ def _check_dist_and_logger(dist: DictConfig, logger: DictConfig) -> None:
     check_choice("logger.mode", logger.mode, WANDB_MODES)
 
 
+def _check_loss_chunk(chunk: int, seq_len: int) -> None:
+    """Chunks must tile every micro-batch (whole sequences), so a chunk divides a sequence or is a
+    multiple of one; anything else would leave a ragged last chunk in every step."""
+    check_positive("train.loss_chunk_tokens", chunk, allow_zero=True)
+    if chunk and seq_len % chunk and chunk % seq_len:
+        divisors = [d for d in (seq_len // 8, seq_len // 4, seq_len // 2) if d and seq_len % d == 0]
+        raise ConfigError("train.loss_chunk_tokens",
+                          f"{chunk} neither divides train.seq_len={seq_len} nor is a multiple of it.",
+                          "0 (off), a divisor of train.seq_len (e.g. " + ", ".join(map(str, divisors))
+                          + f") or a multiple of it (e.g. {seq_len}, {4 * seq_len})")
+
+
 def _check_train(t: DictConfig) -> None:
     check_positive("train.keep_checkpoints", t.keep_checkpoints)
     check_positive("train.peak_tflops", t.peak_tflops)
@@ -429,6 +450,7 @@ def _check_train(t: DictConfig) -> None:
     check_choice("train.dtype", t.dtype, DTYPES)
     check_choice("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     check_positive("train.activation_checkpointing_every", t.activation_checkpointing_every)
+    _check_loss_chunk(t.loss_chunk_tokens, t.seq_len)
     if t.eval_tokens < t.seq_len:
         raise ConfigError("train.eval_tokens",
                           f"{t.eval_tokens} is shorter than one sequence (train.seq_len={t.seq_len}).")

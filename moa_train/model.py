@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from .ffn import FeedForward, build_ffn, ffn_hidden_dim
+from .loss import linear_cross_entropy
 from .moe import MoE
 
 
@@ -80,6 +81,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    # Tokens per chunk of the fused head + cross-entropy (loss.py); 0: the whole logits tensor and
+    # F.cross_entropy. Set from train.loss_chunk_tokens by the builder; it does not change the numbers.
+    loss_chunk_tokens: int = 0
+
     def __init__(self, model_cfg: DictConfig, ffn_cfg: DictConfig):
         super().__init__()
         self.cfg = model_cfg
@@ -138,10 +143,13 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         for block in self.layers:
             h = block(h, cos, sin, cache)
-        logits = self.output(self.norm(h))
+        h = self.norm(h)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return self.output(h)
+        if self.loss_chunk_tokens:
+            loss = linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(), self.loss_chunk_tokens)
+        else:
+            loss = F.cross_entropy(self.output(h).float().flatten(0, 1), targets.flatten())
         if self.training:  # MoE balance losses, when configured
             for block in self.layers:
                 if getattr(block.ffn, "aux_loss", None) is not None:

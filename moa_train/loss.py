@@ -1,0 +1,75 @@
+"""The output head and cross-entropy in one pass over chunks of tokens.
+
+`F.cross_entropy(hidden @ weight.T, targets)` holds the whole (tokens, vocabulary) logits tensor, its
+log-softmax and, in the backward pass, a zero-filled gradient of the same size: at 2,048 tokens and a
+vocabulary of 8,192 that is three 64 MiB tensors and about a fifth of a small model's step on CPU.
+Here each chunk of tokens has its logits computed, its loss summed and, when gradients are wanted, the
+gradients of the hidden states and of the head's weight computed right away from softmax - one-hot
+(the logits' gradient), so no tensor larger than (chunk, vocabulary) ever exists. The backward pass only
+scales the stored gradients by the incoming one. The loss equals F.cross_entropy's to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the head's matmuls run in: the autocast dtype when autocast is on, as nn.Linear would."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, want_grad_hidden: bool, want_grad_weight: bool):
+        n_tokens = hidden.shape[0]
+        dtype = _compute_dtype(hidden.device, hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts below are autocast's, made explicit
+            w = weight.to(dtype)
+            loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+            grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad_weight else None
+            for start in range(0, n_tokens, chunk):
+                h = hidden[start:start + chunk].to(dtype)
+                t = targets[start:start + chunk]
+                logits = (h @ w.t()).float()
+                target_logits = logits.gather(1, t[:, None]).squeeze(1)
+                # One exp pass serves the loss and the gradient (logsumexp, then softmax, would take two)
+                row_max = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(row_max).exp_()
+                exp_sum = exp.sum(dim=-1)
+                loss += (exp_sum.log() + row_max.squeeze(1) - target_logits).sum()
+                if grad_hidden is None and grad_weight is None:
+                    continue
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n_tokens, built in place
+                grad_logits = exp.mul_((1.0 / (exp_sum * n_tokens))[:, None])
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0 / n_tokens
+                grad_logits = grad_logits.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk] = grad_logits @ w
+                if grad_weight is not None:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    else:  # accumulated in float32 across chunks
+                        grad_weight += grad_logits.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
+        return loss / n_tokens
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden.mul_(grad_loss) if grad_hidden is not None else None,
+                grad_weight.mul_(grad_loss) if grad_weight is not None else None, None, None, None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """mean(cross_entropy(hidden @ weight.T, targets)) for hidden (N, D), weight (V, D), targets (N,),
+    `chunk` tokens at a time (see the module docstring)."""
+    grad_on = torch.is_grad_enabled()
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, grad_on and hidden.requires_grad,
+                                            grad_on and weight.requires_grad)
