@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from .budget import count_parameters
 from .distributed import DistEnv
 from .ffn import FFN_REGISTRY
+from .loss import chunk_tokens
 from .model import Transformer
 from .parallel import configure_backends, parallelize
 
@@ -24,7 +25,8 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     with env.device:
         model = Transformer(cfg.model, cfg.ffn)
     model.init_weights()
-    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
+    model.loss_chunk_tokens = chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size, cfg.train.seq_len,
+                                           env.device.type)
     return parallelize(model, env, cfg.train.compile, cfg.train.dtype, cfg.train.activation_checkpointing,
                        cfg.train.activation_checkpointing_every)
 

@@ -203,8 +203,9 @@ class TrainConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 2
     # The output head and cross-entropy computed this many tokens at a time, gradients included, so the
-    # whole logits tensor never exists (loss.py); 0: plain F.cross_entropy over all logits
-    loss_chunk_tokens: int = 512
+    # whole logits tensor never exists (loss.py); null: sized from the vocabulary (16 MiB of logits per
+    # chunk on CPU, 1 GiB on GPU); 0: plain F.cross_entropy over all logits
+    loss_chunk_tokens: int | None = None
     progress: bool = True
     threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
     # Per device, for MFU; None: the datasheet figure of a known GPU, or on CPU a matmul probe (hardware.py)
@@ -419,9 +420,11 @@ def _check_dist_and_logger(dist: DictConfig, logger: DictConfig) -> None:
     check_choice("logger.mode", logger.mode, WANDB_MODES)
 
 
-def _check_loss_chunk(chunk: int, seq_len: int) -> None:
+def _check_loss_chunk(chunk: int | None, seq_len: int) -> None:
     """Chunks must tile every micro-batch (whole sequences), so a chunk divides a sequence or is a
     multiple of one; anything else would leave a ragged last chunk in every step."""
+    if chunk is None:
+        return
     check_positive("train.loss_chunk_tokens", chunk, allow_zero=True)
     if chunk and seq_len % chunk and chunk % seq_len:
         divisors = [d for d in (seq_len // 8, seq_len // 4, seq_len // 2) if d and seq_len % d == 0]

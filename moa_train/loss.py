@@ -66,6 +66,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight.mul_(grad_loss) if grad_weight is not None else None, None, None, None, None)
 
 
+# Logits elements per chunk when train.loss_chunk_tokens is null: a chunk's logits, 16 MiB in float32,
+# stay near the CPU's caches; on GPU a chunk is large enough for full-rate matmuls (1 GiB).
+AUTO_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**28}
+
+
+def chunk_tokens(configured: int | None, vocab_size: int, seq_len: int, device_type: str) -> int:
+    """Tokens per chunk: `configured` (train.loss_chunk_tokens; 0 turns chunking off) or, when it is null,
+    the power of two nearest below AUTO_CHUNK_ELEMENTS / vocab_size, made to divide a sequence or be a
+    multiple of one (so every micro-batch is cut into equal chunks)."""
+    if configured is not None:
+        return configured
+    target = max(1, AUTO_CHUNK_ELEMENTS.get(device_type, 2**22) // vocab_size)
+    target = 1 << (target.bit_length() - 1)
+    if target >= seq_len:
+        return target // seq_len * seq_len
+    return max(d for d in range(1, target + 1) if seq_len % d == 0)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int) -> torch.Tensor:
     """mean(cross_entropy(hidden @ weight.T, targets)) for hidden (N, D), weight (V, D), targets (N,),

@@ -73,3 +73,29 @@ def test_compiled_bf16_training_on_cuda_lowers_validation_loss(ffn, tmp_path):
     summary = run(cfg, tmp_path)
     assert summary["status"] == "completed"
     assert summary["val_loss"] < summary["initial_val_loss"] - 1.0, summary
+
+
+def test_chunked_head_and_loss_under_bf16_autocast_match_the_plain_head():
+    """loss.py on the GPU: under bf16 autocast the chunked loss and its gradients are those of nn.Linear +
+    F.cross_entropy under the same autocast (both run the head's matmul in bf16), and float32 weights get
+    float32 gradients."""
+    import torch.nn.functional as F
+
+    from moa_train.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4096, 256, device="cuda")
+    weight = torch.randn(8192, 256, device="cuda") * 0.05
+    targets = torch.randint(0, 8192, (4096,), device="cuda")
+    results = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (linear_cross_entropy(h, w, targets, 1024) if chunked
+                    else F.cross_entropy(F.linear(h, w).float(), targets))
+        loss.backward()
+        results.append((loss.float(), h.grad, w.grad))
+    (ref_loss, ref_h, ref_w), (loss, grad_h, grad_w) = results
+    assert grad_w.dtype == torch.float32 and grad_h.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    assert _rel_err(grad_h, ref_h) < 2e-2 and _rel_err(grad_w, ref_w) < 2e-2

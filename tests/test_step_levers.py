@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_jsonl, run_cli
-from moa_train.loss import linear_cross_entropy
+from moa_train.loss import chunk_tokens, linear_cross_entropy
 
 
 def _reference(hidden, weight, targets):
@@ -50,6 +50,20 @@ def test_chunked_loss_without_gradients_and_with_the_weight_frozen():
     _reference(ref, weight, targets).backward()
     torch.testing.assert_close(h.grad, ref.grad, rtol=1e-5, atol=1e-7)
     assert weight.grad is None
+
+
+@pytest.mark.parametrize("vocab, seq_len, device, expected", [
+    (8192, 256, "cpu", 512),      # 4M logits per chunk on CPU
+    (512, 128, "cpu", 8192),      # a small vocabulary: large chunks, few of them
+    (32000, 2048, "cpu", 128),    # 2**22 / 32000 = 131 -> 128, which divides 2048
+    (32000, 2048, "cuda", 8192),  # 2**28 / 32000 = 8388 -> 8192, four sequences
+    (50257, 1000, "cpu", 50),     # 83 -> 64 -> the largest divisor of 1000 not above it
+])
+def test_the_automatic_chunk_tiles_every_micro_batch(vocab, seq_len, device, expected):
+    chunk = chunk_tokens(None, vocab, seq_len, device)
+    assert chunk == expected
+    assert seq_len % chunk == 0 or chunk % seq_len == 0
+    assert chunk_tokens(300, vocab, seq_len, device) == 300 and chunk_tokens(0, vocab, seq_len, device) == 0
 
 
 @pytest.mark.parametrize("implementation", ["fused", "foreach"])
