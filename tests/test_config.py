@@ -246,6 +246,31 @@ def test_a_parallel_local_sweep_shares_the_cores_and_matches_a_sequential_one(tm
     assert sorted(s["status"] for s in joblib.values()) == ["completed", "completed", "diverged"]
 
 
+def test_an_optuna_learning_rate_search_reports_its_best_run(tmp_path):
+    """sweep=lr_optuna: each trial is a run; the objective Optuna minimises is the run's final val loss, so its
+    reported best is the best run's; proposals stay in the interval and repeat with the sampler's seed."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra is not installed")
+    import yaml
+
+    def search(name):
+        result = run_cli("sweep=lr_optuna", "model=tiny", "train.max_steps=3", "train.batch_size=2",
+                         "train.seq_len=32", "train.eval_tokens=256", "train.eval_every=3", "hydra.sweeper.n_trials=3",
+                         "hydra.sweeper.n_jobs=1", f"hydra.sweep.dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs = [json.loads(p.read_text()) for p in (tmp_path / name).glob("*/summary.json")]
+        return runs, yaml.safe_load((tmp_path / name / "optimization_results.yaml").read_text())
+
+    runs, best = search("first")
+    assert len(runs) == 3 and all(r["status"] == "completed" for r in runs)
+    lrs = sorted(r["config"]["optim"]["lr"] for r in runs)
+    assert all(1e-3 <= lr <= 1e-1 for lr in lrs) and len(set(lrs)) == 3
+    winner = min(runs, key=lambda r: r["val_loss"])
+    assert best["best_value"] == pytest.approx(winner["val_loss"], rel=1e-12)
+    assert best["best_params"]["optim.lr"] == pytest.approx(winner["config"]["optim"]["lr"], rel=1e-12)
+    again, _ = search("again")
+    assert sorted(r["config"]["optim"]["lr"] for r in again) == lrs  # TPESampler seed 0
+
+
 def test_dry_run_and_refused_config_leave_no_run_directory(tmp_path):
     assert run_cli("model=tiny", "ffn=moa1", "dry_run=true", cwd=tmp_path).returncode == 0
     refused = run_cli("model=tiny", "optim.lr=-1", cwd=tmp_path)
