@@ -88,6 +88,7 @@ class Transformer(nn.Module):
     def __init__(self, model_cfg: DictConfig, ffn_cfg: DictConfig):
         super().__init__()
         self.cfg = model_cfg
+        self._rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin), see _rope
         dim = model_cfg.dim
         n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
         self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, dim)
@@ -99,6 +100,21 @@ class Transformer(nn.Module):
         self.output = nn.Linear(dim, model_cfg.vocab_size, bias=False)
         if model_cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def _rope(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of at least `length` positions, built once per device and regrown by doubling
+        (generation asks for one more position each step); a position's angles do not depend on the
+        table's length. Not buffers: no checkpoint holds them, and a meta-device build has none."""
+        tables = self._rope_tables
+        if tables is None or tables[0].device != device:
+            tables = None
+        if tables is None or tables[0].shape[0] < length:
+            size = max(length, 2 * tables[0].shape[0]) if tables is not None else length
+            # outside any inference_mode a caller may be in: training later saves them for backward
+            with torch.inference_mode(False), torch.no_grad():
+                tables = rope_tables(size, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
+            self._rope_tables = tables
+        return tables
 
     @staticmethod
     def _ffn(model_cfg: DictConfig, ffn_cfg: DictConfig) -> nn.Module:
@@ -137,9 +153,8 @@ class Transformer(nn.Module):
         anything with `update(k, v, layer) -> (k, v)` and `get_seq_length()` (generate.KVCache, or a
         transformers DynamicCache)."""
         start = cache.get_seq_length() if cache is not None else 0
-        cos, sin = rope_tables(start + tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta,
-                               tokens.device)
-        cos, sin = cos[start:], sin[start:]
+        cos, sin = self._rope(start + tokens.shape[1], tokens.device)
+        cos, sin = cos[start:start + tokens.shape[1]], sin[start:start + tokens.shape[1]]
         h = self.tok_embeddings(tokens)
         for block in self.layers:
             h = block(h, cos, sin, cache)

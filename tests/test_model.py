@@ -51,6 +51,30 @@ def test_rope_scores_depend_only_on_relative_position():
     assert apply_rope(q, cos[7:8], sin[7:8]).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
 
 
+def test_rope_tables_are_built_once_and_grown_without_changing_the_angles():
+    model = tiny_model()
+    tokens = torch.randint(0, 4096, (2, 24))
+    with torch.no_grad():
+        first = model(tokens[:, :16])
+        tables = model._rope_tables
+        again = model(tokens[:, :16])
+        assert model._rope_tables is tables  # reused, not rebuilt
+        assert tables[0].shape[0] == 16
+        longer = model(tokens)  # 24 > 16: regrown to max(24, 2 * 16)
+    assert model._rope_tables[0].shape[0] == 32
+    assert torch.equal(first, again)
+    assert torch.equal(model._rope_tables[0][:16], tables[0]) and torch.equal(model._rope_tables[1][:16], tables[1])
+    fresh = tiny_model()
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens), longer)  # tables built at the exact length: the same logits
+    # built inside inference_mode, they still serve a training forward (which saves them for backward)
+    trained = tiny_model()
+    with torch.inference_mode():
+        trained(tokens)
+    trained(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert trained.tok_embeddings.weight.grad is not None
+
+
 def test_initial_loss_is_near_uniform_and_output_projections_are_depth_scaled():
     model = tiny_model()
     tokens = torch.randint(0, 4096, (4, 32))
