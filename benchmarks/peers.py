@@ -10,7 +10,9 @@ and the MoE block alone (forward + backward, 32 experts, top-4, one shared exper
               implementation; `moe-hf-grouped` is its grouped_mm one where the installed version has it)
 
 Every figure is the median over the timed steps of one run; an arm's figure is its best run over the rounds.
-Ratios are what to read: a single run on a shared machine moves by 10-15%.
+Ratios are what to read: a single run on a shared machine moves by 10-15%. Each ratio is given twice: of
+the best runs, and the median over the rounds of each round's ratio (the two arms of a round ran minutes
+apart, under the same load: the robust one).
 
     python benchmarks/peers.py --rounds 3 --json benchmarks/peers_cpu.json
 """
@@ -185,23 +187,23 @@ def main() -> None:
             runs[arm].append(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
             print(f"round {round_ + 1}: {arm:<14} {runs[arm][-1]:>10,.0f} tokens/s", flush=True)
     best = {a: max(v) for a, v in runs.items()}
-    ratios = {}
-    if "hf-swiglu" in best:
-        for arm in arms:
-            if arm.startswith(("cli-", "bare-")):
-                ratios[f"{arm} / hf-swiglu"] = best[arm] / best["hf-swiglu"]
-    for hf in ("moe-hf", "moe-hf-grouped"):
-        if hf in best and "moe-ours" in best:
-            ratios[f"moe-ours / {hf}"] = best["moe-ours"] / best[hf]
+    pairs = [(arm, "hf-swiglu") for arm in arms if arm.startswith(("cli-", "bare-")) and "hf-swiglu" in best]
+    pairs += [("moe-ours", hf) for hf in ("moe-hf", "moe-hf-grouped") if hf in best and "moe-ours" in best]
+    ratios = {f"{a} / {b}": best[a] / best[b] for a, b in pairs}
+    round_ratios = {f"{a} / {b}": [x / y for x, y in zip(runs[a], runs[b])] for a, b in pairs}
     print("\nbest of the rounds (tokens/s) and ratios:")
     for arm in arms:
         print(f"  {arm:<14} {best[arm]:>10,.0f}   (runs: {', '.join(f'{v:,.0f}' for v in runs[arm])})")
+    print(f"  {'ratio':<28} {'of best':>8} {'median of rounds':>17}  (each round's)")
     for name, ratio in ratios.items():
-        print(f"  {name:<28} {ratio:.3f}")
+        per_round = round_ratios[name]
+        print(f"  {name:<28} {ratio:>8.3f} {statistics.median(per_round):>17.3f}  "
+              f"({', '.join(f'{r:.3f}' for r in per_round)})")
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version()}, "dims": DIMS, "moe_dims": MOE_DIMS,
               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "runs": runs, "best": best,
-              "ratios": ratios}
+              "ratios": ratios, "round_ratios": round_ratios,
+              "median_round_ratios": {k: statistics.median(v) for k, v in round_ratios.items()}}
     import torch
 
     report["machine"]["torch"] = torch.__version__

@@ -3,7 +3,7 @@
 # alternating rounds in one process tree (benchmarks/peers.py). Usage: benchmarks/peers.sh [ROUNDS] [OUT.json]
 # Needs transformers (the eval extra: pip install 'moa-train[eval]'; make install has it).
 set -euo pipefail
-rounds=${1:-3}
+rounds=${1:-5}
 out=${2:-benchmarks/peers_cpu.json}
 python -c "import transformers" 2>/dev/null || { echo "peers.sh: needs transformers (pip install 'moa-train[eval]')" >&2; exit 2; }
 python "$(dirname "$0")/peers.py" --rounds "$rounds" --json "$out"
