@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -309,3 +311,28 @@ def test_keys_a_baseline_does_not_read_do_not_make_it_another_run():
         other = json.loads(json.dumps(current))
         other["ffn"]["init"] = "uniform" if current["ffn"]["init"] != "uniform" else "normalized"
         assert (config_differences(other, current, only=None) == []) is same, ffn
+
+
+def test_help_lists_every_group_as_hydra_does_and_leaves_hydra_as_it_was(tmp_path):
+    """--help shares one config repository among Hydra's group listings (cli.one_config_repository):
+    the text must be Hydra's own, and later compositions in the process must not see the sharing."""
+    shared = run_cli("--help", cwd=tmp_path)
+    assert shared.returncode == 0, shared.stderr
+    plain = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['moa-train', '--help']; "
+                            "from moa_train.config import register_configs; register_configs(); "
+                            "from moa_train.cli import hydra_main; hydra_main()"],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert plain.returncode == 0, plain.stderr
+    assert shared.stdout == plain.stdout
+    for group, option in (("ffn", "qd_moa"), ("model", "dense_0.12b"), ("optim", "muon"), ("sweep", "cpu_study")):
+        line = next(line for line in shared.stdout.splitlines() if line.startswith(f"{group}: "))
+        assert option in line.split(": ", 1)[1].split(", ")
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from moa_train.cli import one_config_repository
+
+    original = ConfigLoaderImpl._parse_overrides_and_create_caching_repo
+    with one_config_repository():
+        assert ConfigLoaderImpl._parse_overrides_and_create_caching_repo is not original
+    assert ConfigLoaderImpl._parse_overrides_and_create_caching_repo is original
