@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,29 @@ def group_options(group: str) -> list[str]:
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moa_train", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def start_cli(*args: str, module: str = "moa_train") -> subprocess.Popen:
+    """A CLI started in the background (for the tests that kill, stop or race it), output piped."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until predicate() holds; fails, with the process's stderr, if the process ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """{step: train loss} of a run's metrics.jsonl, the step-0 row left out."""
+    return {r["step"]: r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 0}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_cli
+from conftest import run_cli, start_cli, train_losses, wait_for
 from moa_train.checkpoint import CheckpointError, complete_checkpoints, config_differences, resume_path, set_aside
 
 # eager mixing kernels: the same numbers without compiling in every process of these tests
@@ -21,24 +19,7 @@ RUN = ["model=tiny", "ffn=qd_moa", "ffn.kernel=eager", "train.batch_size=4", "tr
 
 
 def _popen(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "moa_train", *RUN, *overrides, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 0}
+    return start_cli(*RUN, *overrides, f"hydra.run.dir={run_dir}")
 
 
 @pytest.mark.slow
@@ -49,7 +30,7 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
 
     run_dir = tmp_path / "killed"
     process = _popen(run_dir, *steps, "train.ckpt_at_end=false")
-    _wait_for(lambda: (run_dir / "checkpoints" / "step-8" / "meta.json").exists(), process)
+    wait_for(lambda: (run_dir / "checkpoints" / "step-8" / "meta.json").exists(), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (run_dir / "summary.json").exists()
@@ -57,7 +38,7 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr and "step 8" in result.stderr
 
-    resumed, uninterrupted = _train_losses(run_dir), _train_losses(reference)
+    resumed, uninterrupted = train_losses(run_dir), train_losses(reference)
     assert sorted(resumed) == list(range(1, 25))  # rows after the checkpoint were replaced, none doubled
     assert resumed == uninterrupted  # bitwise: the same floats, step by step
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -68,7 +49,7 @@ def test_sigkill_then_rerun_resumes_bitwise(tmp_path):
 def test_sigterm_checkpoints_and_exits_zero_within_seconds(tmp_path):
     run_dir = tmp_path / "run"
     process = _popen(run_dir, "train.max_steps=100000")
-    _wait_for(lambda: len(_train_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False, process)
+    wait_for(lambda: len(train_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False, process)
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0, process.stderr.read()[-3000:]
@@ -79,7 +60,7 @@ def test_sigterm_checkpoints_and_exits_zero_within_seconds(tmp_path):
 
     # the same command continues from there
     again = _popen(run_dir, "train.max_steps=100000")
-    _wait_for(lambda: max(_train_losses(run_dir)) > summary["steps"], again)
+    wait_for(lambda: max(train_losses(run_dir)) > summary["steps"], again)
     again.send_signal(signal.SIGTERM)
     assert again.wait(timeout=30) == 0
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == summary["steps"]
@@ -102,11 +83,11 @@ def test_completed_run_is_not_trained_again(tmp_path):
     assert first.returncode == 0
     second = run_cli(*RUN, "train.max_steps=3", f"hydra.run.dir={run_dir}")
     assert second.returncode == 0 and "already complete" in second.stderr
-    assert sorted(_train_losses(run_dir)) == [1, 2, 3]  # the metrics of the finished run are kept as they were
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]  # the metrics of the finished run are kept as they were
     # train.resume=never starts over and keeps the old checkpoints aside
     third = run_cli(*RUN, "train.max_steps=2", "train.resume=never", f"hydra.run.dir={run_dir}")
     assert third.returncode == 0
-    assert sorted(_train_losses(run_dir)) == [1, 2]
+    assert sorted(train_losses(run_dir)) == [1, 2]
     assert len(list(run_dir.glob("checkpoints.set-aside-*/step-3"))) == 1
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_config, read_jsonl, run_cli
+from conftest import compose_config, read_jsonl, run_cli, start_cli, train_losses, wait_for
 from moa_train import checkpoint as ckpt
 from moa_train.checkpoint import CheckpointError, complete_checkpoints, resume_path, verify
 from moa_train.errors import RunFailed
@@ -32,23 +32,7 @@ def _cli_env(**extra: str) -> dict:
 
 
 def _popen(run_dir: Path, *overrides: str, module: str = "moa_train") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *RUN, *overrides, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env())
-
-
-def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended early ({process.returncode}): {process.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] > 0}
+    return start_cli(*RUN, *overrides, f"hydra.run.dir={run_dir}", module=module)
 
 
 def _truncate_shards(checkpoint: Path) -> Path:
@@ -64,7 +48,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before_and_ends_as_
     run_dir = tmp_path / "run"
     steps = ["train.max_steps=8", "train.ckpt_every=2", "train.keep_checkpoints=null"]
     assert run_cli(*RUN, *steps, f"hydra.run.dir={run_dir}").returncode == 0
-    uninterrupted = _train_losses(run_dir)
+    uninterrupted = train_losses(run_dir)
     final = json.loads((run_dir / "summary.json").read_text())["val_loss"]
     # as if killed after step 6 was saved, with step 6's shards cut short
     (run_dir / "summary.json").unlink()
@@ -77,7 +61,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before_and_ends_as_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == 4
     assert summary["val_loss"] == final  # bitwise the uninterrupted run's
-    assert _train_losses(run_dir) == uninterrupted
+    assert train_losses(run_dir) == uninterrupted
 
 
 def _saved_checkpoint(tmp_path: Path, steps: int = 2) -> Path:
@@ -292,7 +276,7 @@ def test_a_sweep_records_a_diverged_run_and_goes_on(tmp_path):
 def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_first(tmp_path):
     run_dir = tmp_path / "run"
     first = _popen(run_dir, "train.max_steps=60", "train.threads=1")
-    _wait_for(lambda: (run_dir / "metrics.jsonl").exists(), first)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), first)
     started = time.monotonic()
     second = subprocess.run([sys.executable, "-m", "moa_train", *RUN, "train.max_steps=60", f"hydra.run.dir={run_dir}"],
                             capture_output=True, text=True, env=_cli_env(), timeout=120)
@@ -374,7 +358,7 @@ def test_a_dead_or_frozen_rank_ends_the_job_within_a_minute_and_the_rerun_resume
                f"hydra.run.dir={run_dir}"]
     env = _cli_env(OMP_NUM_THREADS="1")
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    _wait_for(lambda: len(complete_checkpoints(run_dir)) >= 2, job)
+    wait_for(lambda: len(complete_checkpoints(run_dir)) >= 2, job)
     ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
     assert len(ranks) == 2
     hit = time.monotonic()
