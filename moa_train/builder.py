@@ -13,6 +13,7 @@ from .budget import count_parameters
 from .distributed import DistEnv
 from .ffn import FFN_REGISTRY
 from .loss import chunk_tokens
+from .mae import MaskedAutoencoder, part_counts
 from .model import Transformer
 from .parallel import configure_backends, parallelize
 
@@ -23,21 +24,31 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     configure_backends(env.device, cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     with env.device:
-        model = Transformer(cfg.model, cfg.ffn)
+        model = model_class(cfg.model)(cfg.model, cfg.ffn)
     model.init_weights()
-    model.loss_chunk_tokens = chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size, cfg.train.seq_len,
-                                           env.device.type)
+    if isinstance(model, Transformer):
+        model.loss_chunk_tokens = chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size,
+                                               cfg.train.seq_len, env.device.type)
     return parallelize(model, env, cfg.train.compile, cfg.train.dtype, cfg.train.activation_checkpointing,
                        cfg.train.activation_checkpointing_every)
+
+
+def model_class(model_cfg: DictConfig) -> type[nn.Module]:
+    """The decoder for language (dense, moe), the masked autoencoder for vision (mae)."""
+    return MaskedAutoencoder if model_cfg.family == "mae" else Transformer
 
 
 def parameter_counts(cfg: DictConfig) -> tuple[dict[str, int], dict[str, int]]:
     """The model's parameter counts, and those the token budget multiplies: its baseline's unless
     budget.params_of=own, so a variant and its baseline train on the same tokens. Built on the meta
     device: no memory, no initialisation."""
+    build = model_class(cfg.model)
     with torch.device("meta"):
-        counts = count_parameters(Transformer(cfg.model, cfg.ffn))
+        model = build(cfg.model, cfg.ffn)
+        counts = count_parameters(model)
+        if isinstance(model, MaskedAutoencoder):
+            counts.update(part_counts(model))
         baseline = FFN_REGISTRY[cfg.ffn.name].baseline
         if cfg.budget.params_of == "own" or (baseline == cfg.ffn.name and not cfg.ffn.get("match_params_of")):
             return counts, counts
-        return counts, count_parameters(Transformer(cfg.model, OmegaConf.create({"name": baseline})))
+        return counts, count_parameters(build(cfg.model, OmegaConf.create({"name": baseline})))

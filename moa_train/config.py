@@ -36,6 +36,20 @@ class MoEConfig:
 
 
 @dataclass
+class VisionConfig:
+    """model.family=mae (moa_train/mae.py): the encoder is model.dim / n_layers / n_heads."""
+
+    image_size: int = 224  # square images of this many pixels a side
+    patch_size: int = 16  # must divide image_size
+    channels: int = 3
+    mask_ratio: float = 0.75  # the share of each image's patches the encoder does not see
+    decoder_dim: int = 512
+    decoder_layers: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # targets: each patch's pixels normalised to zero mean, unit variance
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     family: str = "dense"
@@ -53,6 +67,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)  # used when family is moe
+    vision: VisionConfig = field(default_factory=VisionConfig)  # used when family is mae
 
 
 @dataclass
@@ -139,6 +154,18 @@ class TokenizerConfig:
 
 
 @dataclass
+class ImageDataConfig:
+    """data.source=images (moa_train/data/images.py)."""
+
+    val_fraction: float = 0.1  # files held out for validation, chosen by a hash of their path
+    max_val_images: int | None = 1024  # at most this many of them are evaluated; None: all
+    workers: int = 2  # decoding processes per training process; 0: decode in the training process
+    max_bad_files: int = 10  # undecodable or too-small files skipped (each warned about) before the run stops
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random resized crop's area range
+    flip: bool = True  # random horizontal flips in training
+
+
+@dataclass
 class DataConfig:
     source: str = "shakespeare"  # shakespeare | pydocs | local | hf | mixture (see docs/data.md)
     name: str = "shakespeare"  # the corpus: the source's name, or for hf the hub dataset (HuggingFaceFW/fineweb-edu)
@@ -154,6 +181,7 @@ class DataConfig:
     verify: str = "auto"  # checksums on load: auto (full up to 4 GiB of tokens, sizes beyond) | full | size
     cache_dir: str | None = None  # None: $MOA_TRAIN_CACHE, else ~/.cache/moa_train
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    images: ImageDataConfig = field(default_factory=ImageDataConfig)  # data=images only
 
 
 @dataclass
@@ -163,6 +191,10 @@ class BudgetConfig:
     # baseline: count the parameters of the variant's baseline FFN (relu2 / swiglu) at this model size,
     # so every variant of a size trains on the same tokens; own: the variant's own count
     params_of: str = "baseline"
+    # Vision (model.family=mae): the budget in images seen, or in epochs of the training split; either
+    # replaces tokens_per_param. None: tokens_per_param, a token being an image patch.
+    images: int | None = None
+    epochs: float | None = None
 
 
 @dataclass
@@ -309,7 +341,7 @@ ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # parallel.apply_activation_checkpointing
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
-MODEL_FAMILIES = ("dense", "moe")
+MODEL_FAMILIES = ("dense", "moe", "mae")  # mae: a ViT masked autoencoder, trained on data=images
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -332,6 +364,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_schedule(cfg.schedule)
     check_data_config(cfg.data, cfg.model.vocab_size)  # source, keys, tokenizer size (moa_train/data/checks.py)
     _check_budget(cfg.budget)
+    _check_family_data(cfg)
     _check_dist_and_logger(cfg.dist, cfg.logger)
     _check_train(cfg.train)
     every = cfg.train.activation_checkpointing_every
@@ -349,13 +382,53 @@ def _check_model(m: DictConfig) -> None:
         check_positive(f"model.{key}", m[key])
     if m.dim % m.n_heads:
         raise ConfigError("model.n_heads", f"{m.n_heads} does not divide model.dim={m.dim}.")
-    if (m.dim // m.n_heads) % 2:
+    if (m.dim // m.n_heads) % 2 and m.family != "mae":
         raise ConfigError("model.dim", f"head dimension {m.dim // m.n_heads} must be even for RoPE.")
     n_kv = m.n_kv_heads or m.n_heads
     if m.n_heads % n_kv:
         raise ConfigError("model.n_kv_heads", f"{n_kv} does not divide model.n_heads={m.n_heads}.")
     if m.family == "moe":
         _check_moe(m.moe)
+    if m.family == "mae":
+        _check_vision(m.vision)
+
+
+def _check_family_data(cfg: DictConfig) -> None:
+    """Vision models train on images and language models on text; budgets in images are for images."""
+    vision, images = cfg.model.family == "mae", cfg.data.source == "images"
+    if vision and not images:
+        raise ConfigError("data.source", f"is '{cfg.data.source}', text, but model={cfg.model.name} is a vision model "
+                          "(model.family=mae), which trains on images.", "data=images (data.path=DIR, or null for "
+                          "the offline set)")
+    if images and not vision:
+        raise ConfigError("data.source", f"is images, but model={cfg.model.name} is a language model "
+                          f"(model.family={cfg.model.family}).", "a text source (shakespeare, pydocs, local, hf, "
+                          "mixture), or a vision model: model=mae_tiny, mae_vit_b16, ...")
+    if not vision and (cfg.budget.images is not None or cfg.budget.epochs is not None):
+        raise ConfigError("budget.images" if cfg.budget.images is not None else "budget.epochs",
+                          "is a budget for vision models (model.family=mae); a language model's budget is "
+                          "budget.tokens_per_param.", "null")
+
+
+def _check_vision(v: DictConfig) -> None:
+    for key in ("image_size", "patch_size", "channels", "decoder_dim", "decoder_layers", "decoder_heads"):
+        check_positive(f"model.vision.{key}", v[key])
+    if v.image_size % v.patch_size:
+        fits = [p for p in (4, 8, 14, 16, 32) if v.image_size % p == 0]
+        raise ConfigError("model.vision.patch_size", f"{v.patch_size} does not divide model.vision.image_size="
+                          f"{v.image_size}, so the image is not a whole grid of patches.",
+                          "a divisor of the image size" + (f", e.g. {', '.join(map(str, fits))}" if fits else ""))
+    if v.decoder_dim % v.decoder_heads:
+        raise ConfigError("model.vision.decoder_heads", f"{v.decoder_heads} does not divide "
+                          f"model.vision.decoder_dim={v.decoder_dim}.")
+    if not 0 < v.mask_ratio < 1:
+        raise ConfigError("model.vision.mask_ratio", f"got {v.mask_ratio}; some patches must be seen and some "
+                          "masked.", "a fraction strictly between 0 and 1, e.g. 0.75")
+    from .mae import visible_patches
+
+    if visible_patches((v.image_size // v.patch_size) ** 2, v.mask_ratio) < 1:
+        raise ConfigError("model.vision.mask_ratio", f"{v.mask_ratio} masks every one of the "
+                          f"{(v.image_size // v.patch_size) ** 2} patches.", "a smaller ratio")
 
 
 def _check_moe(moe: DictConfig) -> None:
@@ -409,6 +482,11 @@ def _check_budget(b: DictConfig) -> None:
     check_positive("budget.tokens_per_param", b.tokens_per_param)
     check_choice("budget.count", b.count, BUDGET_COUNTS)
     check_choice("budget.params_of", b.params_of, ("baseline", "own"))
+    check_positive("budget.images", b.images)
+    check_positive("budget.epochs", b.epochs)
+    if b.images is not None and b.epochs is not None:
+        raise ConfigError("budget.images", "and budget.epochs are both set; the budget is one of them.",
+                          "budget.images=N or budget.epochs=E, the other null")
 
 
 def _check_dist_and_logger(dist: DictConfig, logger: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""Validation: the loss over every token of the fixed validation set, and what the gates did meanwhile.
+"""Validation: the loss over every token (or image) of the fixed validation set, and what the gates did meanwhile.
 
 Each rank takes an equal share of the validation sequences (the last share padded with weight-0
 copies, so that every rank runs the same number of forward passes, as FSDP needs); the losses and
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .distributed import DistEnv
 from .ffn import GateDetail, GateRecorder, recording_gates
+from .mae import MaskedAutoencoder
 from .parallel import unwrap
 
 
@@ -20,10 +21,17 @@ def evaluate(model, batches, env: DistEnv, autocast,
              detail: GateDetail | None = None) -> tuple[float, dict[str, GateRecorder]]:
     """(mean validation loss, {layer: GateRecorder}); with `detail`, histograms and per-token sums too."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, token count
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, token (or image) count
+    vision = isinstance(unwrap(model), MaskedAutoencoder)
     with recording_gates(unwrap(model), detail) as recorders:  # names without DDP's `module.`
         for x, y, weight in batches:
             x, y, weight = x.to(env.device), y.to(env.device), weight.to(env.device)
+            if vision:  # y: the mask noise; the loss is the reconstruction error of each image's masked patches
+                with autocast:
+                    losses = model(x, y, reduction="none").float()
+                total[0] += (losses * weight).sum().double()
+                total[1] += weight.sum().double()
+                continue
             if detail is not None:  # the padding copies (weight 0) stay out of the gate recordings
                 detail.tokens = torch.where(weight[:, None] > 0, x, -1).flatten()
             with autocast:

@@ -4,6 +4,10 @@ The lock is an OS file lock (flock: Linux maps it onto NFS locks across hosts; L
 `flock` mount option), so the OS releases it when the holding process dies, however it dies: a killed
 run never leaves a stale lock. Each open of the file is its own holder, so two runs in one process
 exclude each other too. The file itself stays; it names the last holder (host, pid, start time).
+
+A forked child (a DataLoader worker decoding images) would share the lock and keep it after its
+parent is killed, until it noticed; so each child closes its copy of the descriptor at once (closing a
+copy releases nothing while the parent holds its own).
 """
 
 from __future__ import annotations
@@ -18,6 +22,19 @@ from pathlib import Path
 from .errors import UserError
 
 LOCK_FILE = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLocked(UserError):
@@ -47,9 +64,11 @@ class RunLock:
                                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}))
         file.flush()
         self.file = file
+        _HELD.add(file.fileno())
 
     def release(self) -> None:
         if self.file is not None:
+            _HELD.discard(self.file.fileno())
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
             self.file = None

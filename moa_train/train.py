@@ -35,6 +35,16 @@ from .checkpoint import (
 )
 from .config import NOT_THE_RUN, to_container, validate_config
 from .data import PackedBatches, PreparedData, cache_root, prepare_data, resolve_vocab_size, validation_batches
+from .data.images import (
+    BadFiles,
+    ImageBatches,
+    ImageSamples,
+    ImageSplit,
+    ImageValidation,
+    check_readable,
+    image_root,
+    split_images,
+)
 from .distributed import (
     DistEnv,
     any_rank,
@@ -54,6 +64,7 @@ from .metrics import MetricLoggers, read_summary, write_summary
 from .moe import expert_load_statistics, update_load_balance
 from .optim import build_optimizer, set_lr
 from .parallel import autocast_context, gradient_norm, gradient_sync, unwrap
+from .reconstruction import RECONSTRUCTION_FIGURE, reconstruction_figure
 from .schedule import lr_multiplier
 from .trained import load_initial_weights, weights_source
 from .utils import display_path
@@ -65,12 +76,23 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: what Slurm sends bef
 def count_and_plan(cfg: DictConfig, world_size: int = 1) -> tuple[dict[str, int], RunPlan]:
     """Parameter counts and the run plan (steps, batches) of a config, without building the model."""
     counts, budget_counts = parameter_counts(cfg)
-    return counts, plan_run(cfg.train, cfg.budget, budget_counts, world_size=world_size)
+    train_images = len(image_split(cfg).train) if cfg.budget.get("epochs") is not None else None
+    return counts, plan_run(cfg.train, cfg.budget, budget_counts, world_size=world_size, train_images=train_images)
+
+
+def image_split(cfg: DictConfig) -> ImageSplit:
+    """data=images: the folder's training and validation files (the offline set is cut into the cache first)."""
+    images = cfg.data.images
+    return split_images(image_root(cfg.data, cache_root(cfg.data)), images.val_fraction, images.max_val_images)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate_config(cfg)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)  # null: the tokenizer's size
+    if cfg.model.family == "mae":  # no vocabulary; a sequence is an image's patches
+        vision = cfg.model.vision
+        cfg.train.seq_len = (vision.image_size // vision.patch_size) ** 2
+    else:
+        cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)  # null: the tokenizer's size
     if cfg.dry_run:
         counts, plan = count_and_plan(cfg, world_size=launched_ranks()[1])
         report = {"model": cfg.model.name, "ffn": cfg.ffn.name, **counts, **plan.as_dict()}
@@ -148,7 +170,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         log.info("weights from %s (train.init_from); the optimizer starts fresh", initial)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if env.is_main:  # the run records the tokenizer its tokens were made with
+    if env.is_main and isinstance(data, PreparedData):  # the run records the tokenizer its tokens were made with
         shutil.copy(data.tokenizer_path, run_dir / "tokenizer.json")
     loggers = MetricLoggers(cfg.logger, run_dir, config, enabled=env.is_main, resume_step=state.resumed_from)
     log.info("model %s / ffn %s: %s parameters; %d steps of %d tokens (%d processes x %d micro-batches of %d); "
@@ -162,7 +184,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv) -> dict:
         trainer.log_start()
     trainer.fit()
     if state.status == "completed":
-        trainer.write_gate_analysis(data.tokenizer_path)
+        trainer.write_analysis()
     summary = trainer.summary()
     if env.is_main:
         write_summary(run_dir, summary)
@@ -256,8 +278,18 @@ def initial_weights(cfg: DictConfig, config: dict) -> Path:
     return source
 
 
-def load_data(cfg: DictConfig, env: DistEnv) -> PreparedData:
-    """Prepared once per corpus and tokenizer by rank 0, then memory-mapped by every rank."""
+def load_data(cfg: DictConfig, env: DistEnv) -> PreparedData | ImageSplit:
+    """Prepared once per corpus and tokenizer by rank 0, then memory-mapped by every rank; for images, the
+    folder listed (the offline set cut) by rank 0 first, then by every rank."""
+    if cfg.data.source == "images":
+        split = image_split(cfg) if env.is_main else None
+        barrier()
+        split = split or image_split(cfg)
+        check_readable(split, cfg.model.vision.patch_size)
+        log.info("images: %d training and %d validation files in %s", len(split.train), len(split.val),
+                 display_path(split.root))
+        return split
+
     def prepare():
         return prepare_data(cfg.data, cfg.model.vocab_size, cfg.train.eval_tokens, cfg.train.seq_len, log=log.info)
 
@@ -268,6 +300,20 @@ def load_data(cfg: DictConfig, env: DistEnv) -> PreparedData:
         raise DataError(f"the tokenizer at {data.tokenizer_path} has {data.vocab_size} entries but "
                         f"model.vocab_size is {cfg.model.vocab_size}; set model.vocab_size >= {data.vocab_size}.")
     return data
+
+
+def image_batches(cfg: DictConfig, split: ImageSplit, plan: RunPlan, env: DistEnv) -> tuple[ImageBatches,
+                                                                                             ImageValidation]:
+    """This rank's training batches and validation share of an image folder."""
+    v, images = cfg.model.vision, cfg.data.images
+    bad = BadFiles(images.max_bad_files)
+
+    def samples(validation: bool) -> ImageSamples:
+        return ImageSamples(split, v.image_size, v.patch_size, cfg.train.seq_len, cfg.train.seed, images.crop_scale,
+                            images.flip, validation)
+
+    return (ImageBatches(samples(False), plan, env.rank, images.workers, bad),
+            ImageValidation(samples(True), plan.micro_batch_size, env.rank, env.world_size, images.workers, bad))
 
 
 class StopRequest:
@@ -304,11 +350,15 @@ class Trainer:
                                                                                   checkpointer)
         self.state = state
         self.autocast = autocast_context(env.device, cfg.train.dtype, env.mode)
-        self.train_batches = PackedBatches(data.train, cfg.train.seq_len, cfg.train.seed)
-        self.val_batches = validation_batches(data.val, cfg.train.seq_len, cfg.train.eval_tokens,
-                                              plan.micro_batch_size, env.rank, env.world_size)
-        self.flops_per_token = flops_per_token(counts["active"], cfg.model.vocab_size, cfg.model.dim,
-                                               cfg.model.n_layers, cfg.train.seq_len, cfg.model.tie_embeddings)
+        if isinstance(data, ImageSplit):
+            self.train_batches, self.val_batches = image_batches(cfg, data, plan, env)
+            self.flops_per_token = unwrap(model).flops_per_image() / cfg.train.seq_len  # a token: a patch
+        else:
+            self.train_batches = PackedBatches(data.train, cfg.train.seq_len, cfg.train.seed)
+            self.val_batches = validation_batches(data.val, cfg.train.seq_len, cfg.train.eval_tokens,
+                                                  plan.micro_batch_size, env.rank, env.world_size)
+            self.flops_per_token = flops_per_token(counts["active"], cfg.model.vocab_size, cfg.model.dim,
+                                                   cfg.model.n_layers, cfg.train.seq_len, cfg.model.tie_embeddings)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else None,
                                      cfg.train.peak_tflops)
         if self.peak_flops is None and env.device.type == "cpu":  # measured once per machine (hardware.py)
@@ -344,6 +394,8 @@ class Trainer:
                                 state.step)
                     break
         progress.close()
+        if hasattr(self.train_batches, "close"):  # image decoding workers
+            self.train_batches.close()
         if state.status == "completed" and cfg.ckpt_at_end and self.checkpointer.last_saved_step != state.step:
             self.save_checkpoint()
 
@@ -425,6 +477,18 @@ class Trainer:
         """The validation loss and the mean gate per layer and dictionary entry."""
         loss, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast)
         return loss, mean_gates(recorders, gate_entry_names(unwrap(self.model)))
+
+    def write_analysis(self) -> None:
+        """After a completed run: gates.json for a language model with MoA gates, the reconstruction figure
+        for a vision model."""
+        if isinstance(self.data, ImageSplit):  # every rank runs the model (FSDP2 gathers weights), rank 0 draws
+            path = self.checkpointer.root.parent / RECONSTRUCTION_FIGURE
+            reconstruction_figure(unwrap(self.model), self.val_batches.dataset, path if self.env.is_main else None,
+                                  self.env.device, self.autocast)
+            if self.env.is_main:
+                log.info("reconstructions of validation images: %s", display_path(path))
+            return
+        self.write_gate_analysis(self.data.tokenizer_path)
 
     def write_gate_analysis(self, tokenizer_path: Path) -> None:
         """gates.json (gate_report.py): the gates' distributions over the validation set and the tokens that

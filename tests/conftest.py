@@ -50,6 +50,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """moa-train under torchrun, `nproc` processes of one thread each on CPU (gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "moa_train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def start_cli(*args: str, module: str = "moa_train") -> subprocess.Popen:
     """A CLI started in the background (for the tests that kill, stop or race it), output piped."""
     return subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

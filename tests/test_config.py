@@ -28,7 +28,9 @@ def test_every_option_composes_and_validates(group, tmp_path):
     (tmp_path / "a.txt").write_text("some text\n")
     for option in group_options(group):
         extra = [f"data.path={tmp_path}"] if (group, option) == ("data", "local") else []
-        cfg = compose_config(f"{group}={option}", *extra)
+        if option == "images":  # images and budgets in images are for the vision models
+            extra = ["model=mae_tiny"]
+        cfg = compose_config(*extra, f"{group}={option}")
         validate_config(cfg)
         if "source" in cfg[group]:  # data: the option picks the source; data.name names the corpus
             assert cfg[group].source == option

@@ -11,19 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_jsonl, run_cli
+from conftest import read_jsonl, run_cli, torchrun
 
 pytestmark = pytest.mark.slow
 RUN = ["model=tiny", "ffn=bi_moa", "ffn.kernel=eager", "train.batch_size=8", "train.seq_len=64",
        "train.eval_tokens=2048", "train.eval_every=4", "train.progress=false"]
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "moa_train", *args]
-    # one thread per process: two processes on two cores
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _losses(run_dir: Path) -> tuple[list[float], list[float]]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..utils import expand_path
 from .cache import VERIFY_MODES
 from .sources import DATA_SOURCES
 from .tokenizer import BYTE_LEVEL_MIN_VOCAB, resolve_vocab_size
@@ -13,6 +16,8 @@ from .tokenizer import BYTE_LEVEL_MIN_VOCAB, resolve_vocab_size
 def check_data_config(data_cfg, model_vocab_size: int | None) -> None:
     """The data checks of validate_config: keys, the source (no corpus read, no network) and the tokenizer size."""
     source, name = data_cfg.source, data_cfg.name
+    if source == "images":
+        return _check_images(data_cfg)
     if source not in DATA_SOURCES:
         raise ConfigError("data.source", f"unknown value '{source}'.", ", ".join(sorted(DATA_SOURCES)))
     if source != "hf" and name != source:  # only a hub dataset is named freely
@@ -44,3 +49,29 @@ def check_data_config(data_cfg, model_vocab_size: int | None) -> None:
     DATA_SOURCES[source].check(data_cfg)
     if tok.path:  # a local file is cheap to load: its size is checked now (a hub tokenizer when preparing)
         resolve_vocab_size(data_cfg, model_vocab_size)
+
+
+def _check_images(data_cfg) -> None:
+    """data=images: its own keys; the folder itself is read when the run prepares its data."""
+    from ..errors import check_fraction
+
+    if data_cfg.name != "images":
+        raise ConfigError("data.name", f"is '{data_cfg.name}' but data.source is 'images'.", "images (data=images)")
+    img = data_cfg.images
+    check_fraction("data.images.val_fraction", img.val_fraction)
+    if not 0 < img.val_fraction < 1:
+        raise ConfigError("data.images.val_fraction", f"got {img.val_fraction}; some files must be trained on and "
+                          "some held out.", "a fraction strictly between 0 and 1, e.g. 0.1")
+    for key in ("max_val_images",):
+        if img[key] is not None and img[key] <= 0:
+            raise ConfigError(f"data.images.{key}", f"got {img[key]}, must be > 0 (or null).")
+    for key in ("workers", "max_bad_files"):
+        if img[key] < 0:
+            raise ConfigError(f"data.images.{key}", f"got {img[key]}, must be >= 0.")
+    scale = list(img.crop_scale)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError("data.images.crop_scale", f"got {scale}; the random crop's area range as a fraction of "
+                          "the image's.", "[low, high] with 0 < low <= high <= 1, e.g. [0.2, 1.0]")
+    if data_cfg.path is not None and not Path(expand_path(data_cfg.path)).is_dir():
+        raise DataError(f"data.path: '{data_cfg.path}' is not a folder. data=images reads a folder of image files "
+                        "(ImageFolder layout or flat), or the offline set with data.path=null.")
