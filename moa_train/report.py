@@ -7,7 +7,8 @@ length, batch, optimizer settings other than the LR...); groups of the same name
 the keys in which they differ. Within a group each variant's learning rate is tuned: the best LR
 is the one whose terminal validation loss, averaged over seeds, is lowest. The report gives each
 variant's terminal loss at its best LR, the spread over seeds, and the relative loss against the
-group's baseline (swiglu for Type-II variants, relu2 for Type-I), `(L - L_base) / L_base`, and says
+group's baseline (swiglu for Type-II variants, relu2 for Type-I, gelu in a vision model),
+`(L - L_base) / L_base`, and says
 whether the difference is larger than the seeds' spread. Runs that failed, diverged or did not
 finish are listed, never silently dropped. A variant run at one learning rate only was not tuned:
 the report and the plots say so ("LR not tuned: one value").
@@ -40,6 +41,7 @@ from .utils import under
 from .zero_shot import PAPER_TASKS
 
 # ffn keys that make two runs of the same ffn name different variants
+VISION_BASELINE = "gelu"  # the ViT's MLP: every FFN of a vision model (model.family=mae) is compared with it
 VARIANT_KEYS = ("dict", "up_dict", "gate", "gate_bias", "gate_init_std", "gate_groups", "init", "match_params_of")
 
 
@@ -83,9 +85,24 @@ class Run:
     def label(self) -> tuple[str, str, str, str]:
         """The group's name: model, token budget, optimizer, schedule."""
         train, budget = self.config["train"], self.config["budget"]
-        tokens = f"{train['max_steps']} steps" if train.get("max_steps") else \
-            f"{_short(budget['tokens_per_param'])} tokens/param"
+        if train.get("max_steps"):
+            tokens = f"{train['max_steps']} steps"
+        elif budget.get("epochs") is not None:
+            tokens = f"{_short(budget['epochs'])} epochs"
+        elif budget.get("images") is not None:
+            tokens = f"{budget['images']:,} images"
+        else:
+            tokens = f"{_short(budget['tokens_per_param'])} tokens/param"
         return (self.config["model"]["name"], tokens, self.config["optim"]["name"], self.config["schedule"]["name"])
+
+    @property
+    def baseline(self) -> str:
+        """What this run's FFN is compared with: its registry baseline (relu2, swiglu), or for a vision model
+        the ViT's own MLP, gelu."""
+        if self.config["model"].get("family") == "mae":
+            return VISION_BASELINE
+        spec = FFN_REGISTRY.get(self.ffn)
+        return spec.baseline if spec is not None else self.ffn
 
     @property
     def setting(self) -> dict[str, object]:
@@ -215,9 +232,8 @@ class VariantResult:
 
     @property
     def is_baseline(self) -> bool:
-        """relu2 or swiglu themselves (their registry entry names themselves), not a variant of them."""
-        spec = FFN_REGISTRY.get(self.ffn)
-        return spec is not None and spec.baseline == self.ffn and self.variant == self.ffn
+        """The baseline itself (relu2, swiglu; gelu for vision), not a variant of it."""
+        return self.ffn == self.baseline and self.variant == self.ffn
 
 
 def compare(runs: list[Run]) -> dict[tuple, dict[str, VariantResult]]:
@@ -250,8 +266,7 @@ def compare(runs: list[Run]) -> dict[tuple, dict[str, VariantResult]]:
             best_runs = [r for r in members if r.lr == best_lr and r.status == "completed"]
             tried = sorted(set(by_lr) | set(diverged))
             table[variant] = VariantResult(
-                variant, members[0].ffn, FFN_REGISTRY[members[0].ffn].baseline if members[0].ffn in FFN_REGISTRY
-                else members[0].ffn, dict(by_lr), best_lr, by_lr[best_lr], best_runs,
+                variant, members[0].ffn, members[0].baseline, dict(by_lr), best_lr, by_lr[best_lr], best_runs,
                 best_runs[0].summary.get("params", {}), best_runs[0].summary.get("tokens", 0),
                 lr_at_edge=len(tried) > 1 and best_lr in (tried[0], tried[-1]), diverged=dict(diverged))
         for result in table.values():
@@ -372,7 +387,8 @@ def _plt():
 PALETTE_ORDER = ("swiglu", "one_moa", "bi_moa", "qd_moa", "relu2", "moa1", "one_la", "bi_la", "qd_la", "la1",
                  "gelu", "silu", "relu")
 # The baselines stand apart from the variants: black, thicker, dashed; told from each other by dash and marker.
-BASELINE_STYLE = {"swiglu": {"linestyle": "--", "marker": "s"}, "relu2": {"linestyle": "-.", "marker": "D"}}
+BASELINE_STYLE = {"swiglu": {"linestyle": "--", "marker": "s"}, "relu2": {"linestyle": "-.", "marker": "D"},
+                  "gelu": {"linestyle": ":", "marker": "o"}}
 
 
 def _color(variant: str):
@@ -739,7 +755,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
              "FFN, the LR and the seed) each variant's learning rate is tuned: "
              "*best LR* has the lowest terminal validation loss averaged over seeds. *Relative* is "
              "`(L - L_base) / L_base` against the group's baseline (swiglu for Type-II variants, relu2 for "
-             "Type-I). *Beyond seeds* says whether the seed ranges of the variant and its baseline at their "
+             "Type-I, gelu for every variant of a vision model). *Beyond seeds* says whether the seed ranges of the variant and its baseline at their "
              "best LRs do not overlap (with one seed per point this cannot be judged). A best LR at the edge "
              "of the grid is marked ⚠: the grid may not contain the optimum. A variant run at one learning rate "
              f"only is marked *{UNTUNED}*: its loss is not at a tuned rate.", ""]

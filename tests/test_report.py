@@ -137,6 +137,22 @@ def test_best_lr_is_chosen_on_the_seed_mean_and_spread_is_judged():
     assert list(table) == ["relu2", "moa1", "swiglu", "qd_moa"]  # each baseline leads its family
 
 
+def test_vision_runs_compare_every_variant_with_the_vit_mlp_and_name_their_budget_in_epochs():
+    runs = [_run(ffn, 1e-3, seed, loss) for ffn, loss in (("gelu", 0.40), ("qd_moa", 0.38), ("one_moa", 0.41))
+            for seed in (0, 1)]
+    for run in runs:
+        run.config["model"]["family"] = "mae"
+        run.config["budget"] = {"tokens_per_param": 20, "epochs": 10, "images": None}
+    [(label, table)] = compare(runs).items()
+    assert label[1] == "10 epochs"
+    assert {r.baseline for r in table.values()} == {"gelu"} and table["gelu"].is_baseline
+    assert not table["qd_moa"].is_baseline
+    assert table["qd_moa"].relative == pytest.approx(-0.05) and table["one_moa"].relative == pytest.approx(0.025)
+    assert list(table)[0] == "gelu"  # the baseline leads
+    text_gelu = _run("gelu", 1e-3, 0, 3.0)  # a language model's gelu is a Type-I variant of relu2
+    assert text_gelu.baseline == "relu2"
+
+
 def test_overlapping_seed_ranges_are_not_called_a_win():
     runs = [_run("swiglu", 1e-3, s, loss) for s, loss in enumerate((3.00, 3.05))] + \
            [_run("one_moa", 1e-3, s, loss) for s, loss in enumerate((2.99, 3.02))]
