@@ -755,7 +755,8 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
              "FFN, the LR and the seed) each variant's learning rate is tuned: "
              "*best LR* has the lowest terminal validation loss averaged over seeds. *Relative* is "
              "`(L - L_base) / L_base` against the group's baseline (swiglu for Type-II variants, relu2 for "
-             "Type-I, gelu for every variant of a vision model). *Beyond seeds* says whether the seed ranges of the variant and its baseline at their "
+             "Type-I, gelu for every variant of a vision model). *Beyond seeds* says whether the seed ranges "
+             "of the variant and its baseline at their "
              "best LRs do not overlap (with one seed per point this cannot be judged). A best LR at the edge "
              "of the grid is marked ⚠: the grid may not contain the optimum. A variant run at one learning rate "
              f"only is marked *{UNTUNED}*: its loss is not at a tuned rate.", ""]
