@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import CheckpointError, find_checkpoint, load_model_state, read_meta
 from .config import RunConfig
+from .errors import UserError
 from .hf_names import from_llama, is_plain_llama
 from .model import Transformer
 
@@ -71,6 +72,11 @@ def load_trained(path: Path, device: str | torch.device = "cpu") -> TrainedModel
     checkpoint = find_checkpoint(path)
     meta = read_meta(checkpoint)
     cfg = run_config(meta["config"])
+    if cfg.model.family == "mae":
+        raise UserError(f"{checkpoint} holds a vision model (model={cfg.model.name}, model.family=mae). Export, "
+                        "generation, gate reports and lm-eval are for the language models; a vision run's picture "
+                        "is reconstruction.png in its run directory, and its checkpoints resume or start another "
+                        "run (train.init_from).")
     with torch.device(device):
         model = Transformer(cfg.model, cfg.ffn)
     load_model_state(checkpoint, model)

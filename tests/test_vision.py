@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -370,6 +372,15 @@ def test_sigkill_then_rerun_resumes_a_vision_run_bitwise(folder, tmp_path):
     assert len(train_losses(run_dir)) == 16
     ref_summary = json.loads((reference / "summary.json").read_text())
     assert json.loads((run_dir / "summary.json").read_text())["val_loss"] == ref_summary["val_loss"]
+    # the language-model tools refuse a vision checkpoint by name, without a traceback
+    export = subprocess.run([sys.executable, "-m", "moa_train.export", str(run_dir), "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert export.returncode == 2 and "holds a vision model (model=mae_tiny" in export.stderr
+    assert "Traceback" not in export.stderr and not (tmp_path / "x").exists()
+    # its weights start another vision run (train.init_from)
+    result = run_cli(*RUN, *steps, "train.max_steps=2", f"train.init_from={run_dir}",
+                     f"hydra.run.dir={tmp_path / 'continued'}")
+    assert result.returncode == 0 and "train.init_from" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow
