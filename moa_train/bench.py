@@ -43,12 +43,12 @@ def _reset_peak_rss() -> None:
 
 def _compose(overrides: list[str]):
     """The training config of `overrides`, checked as moa-train checks it."""
+    from moa_train.builder import resolve_shape
     from moa_train.config import compose_run_config, validate_config
-    from moa_train.data import resolve_vocab_size
 
     cfg = compose_run_config(overrides)
     validate_config(cfg)
-    cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)
+    resolve_shape(cfg)
     return cfg
 
 
@@ -70,8 +70,14 @@ def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False)
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_context(device, cfg.train.dtype)
     plan = plan_run(cfg.train, cfg.budget, counts)
-    tokens = torch.randint(0, cfg.model.vocab_size, (plan.micro_batch_size, cfg.train.seq_len + 1), device=device)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    if cfg.model.family == "mae":  # random images and mask noise: a step costs the same whatever the pixels
+        v = cfg.model.vision
+        x = torch.randn(plan.micro_batch_size, v.channels, v.image_size, v.image_size, device=device)
+        y = torch.rand(plan.micro_batch_size, cfg.train.seq_len, device=device)
+    else:
+        tokens = torch.randint(0, cfg.model.vocab_size, (plan.micro_batch_size, cfg.train.seq_len + 1),
+                               device=device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step():
         with autocast:

@@ -33,6 +33,18 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
                        cfg.train.activation_checkpointing_every)
 
 
+def resolve_shape(cfg: DictConfig) -> None:
+    """The sizes a config leaves to be derived, set in place: a language model's model.vocab_size (null: the
+    tokenizer's size), a vision model's train.seq_len (its patches per image: a token is a patch)."""
+    if cfg.model.family == "mae":
+        vision = cfg.model.vision
+        cfg.train.seq_len = (vision.image_size // vision.patch_size) ** 2
+    else:
+        from .data import resolve_vocab_size
+
+        cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)
+
+
 def model_class(model_cfg: DictConfig) -> type[nn.Module]:
     """The decoder for language (dense, moe), the masked autoencoder for vision (mae)."""
     return MaskedAutoencoder if model_cfg.family == "mae" else Transformer

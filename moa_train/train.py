@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from .budget import RunPlan, flops_per_token, mfu, peak_flops, plan_run
-from .builder import build_model, parameter_counts
+from .builder import build_model, parameter_counts, resolve_shape
 from .checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -34,7 +34,7 @@ from .checkpoint import (
     set_aside,
 )
 from .config import NOT_THE_RUN, to_container, validate_config
-from .data import PackedBatches, PreparedData, cache_root, prepare_data, resolve_vocab_size, validation_batches
+from .data import PackedBatches, PreparedData, cache_root, prepare_data, validation_batches
 from .data.images import (
     BadFiles,
     ImageBatches,
@@ -88,11 +88,7 @@ def image_split(cfg: DictConfig) -> ImageSplit:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate_config(cfg)
-    if cfg.model.family == "mae":  # no vocabulary; a sequence is an image's patches
-        vision = cfg.model.vision
-        cfg.train.seq_len = (vision.image_size // vision.patch_size) ** 2
-    else:
-        cfg.model.vocab_size = resolve_vocab_size(cfg.data, cfg.model.vocab_size)  # null: the tokenizer's size
+    resolve_shape(cfg)  # the tokenizer's vocabulary size, or an image's patch count
     if cfg.dry_run:
         counts, plan = count_and_plan(cfg, world_size=launched_ranks()[1])
         report = {"model": cfg.model.name, "ffn": cfg.ffn.name, **counts, **plan.as_dict()}

@@ -27,6 +27,17 @@ def test_bench_reports_variants_against_baselines(tmp_path, capsys):
     assert report["machine"]["threads"] >= 1
 
 
+def test_bench_times_a_vision_model_on_random_images(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--variants", "qd_moa", "--steps", "1", "--warmup", "1", "--rounds", "1", "--json", str(out),
+          "model=mae_tiny", "train.batch_size=4", "ffn.kernel=eager"])
+    rows = {r["ffn"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["swiglu", "qd_moa"]
+    # 12 (sigma, tau) pairs, a gate weight per input channel: 4 encoder blocks of width 96, 2 decoder ones of 64
+    assert rows["qd_moa"]["params"] == 567_472 and rows["qd_moa"]["ffn_extra"] == 12 * (4 * 96 + 2 * 64)
+    assert rows["qd_moa"]["tokens_per_s"] == pytest.approx(4 * 64 / rows["qd_moa"]["step_s"])  # a token: a patch
+
+
 def test_bench_compares_the_values_of_one_key(tmp_path):
     """--compare: each value of a key against the first; activation checkpointing saves for backward only what
     the checkpointed blocks need (their input), so the full arm saves far less."""
