@@ -69,7 +69,7 @@ def measure(overrides: list[str], steps: int, warmup: int, memory: bool = False)
     counts = count_parameters(unwrap(model))
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_context(device, cfg.train.dtype)
-    plan = plan_run(cfg.train, cfg.budget, counts)
+    plan = plan_run(cfg.train, cfg.budget, counts, train_images=1)  # only the batch shape is used
     if cfg.model.family == "mae":  # random images and mask noise: a step costs the same whatever the pixels
         v = cfg.model.vision
         x = torch.randn(plan.micro_batch_size, v.channels, v.image_size, v.image_size, device=device)

@@ -65,6 +65,9 @@ def plan_run(train_cfg, budget_cfg, counts: dict[str, int], world_size: int = 1,
     tokens_per_step = batch * train_cfg.seq_len
     images = budget_cfg.get("images")
     if budget_cfg.get("epochs") is not None:
+        if train_images is None:
+            raise ConfigError("budget.epochs", "needs the size of the training split, which only a run (or dry_run) "
+                              "with its data reads.", "budget.images=N for a budget without the data")
         images = math.ceil(budget_cfg.epochs * train_images)
     if images is not None:
         budget_tokens = images * train_cfg.seq_len

@@ -274,7 +274,7 @@ NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_ev
                "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops",
                "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile", "logger",
                "train.loss_chunk_tokens", "optim.implementation",
-               "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify")
+               "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify", "data.images.workers")
 
 
 def run_name(overrides) -> str:
@@ -366,7 +366,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_budget(cfg.budget)
     _check_family_data(cfg)
     _check_dist_and_logger(cfg.dist, cfg.logger)
-    _check_train(cfg.train)
+    _check_train(cfg.train, vision=cfg.model.family == "mae")
     every = cfg.train.activation_checkpointing_every
     if cfg.train.activation_checkpointing == "selective" and every > cfg.model.n_layers:
         raise ConfigError("train.activation_checkpointing_every",
@@ -390,7 +390,7 @@ def _check_model(m: DictConfig) -> None:
     if m.family == "moe":
         _check_moe(m.moe)
     if m.family == "mae":
-        _check_vision(m.vision)
+        _check_vision(m)
 
 
 def _check_family_data(cfg: DictConfig) -> None:
@@ -410,7 +410,15 @@ def _check_family_data(cfg: DictConfig) -> None:
                           "budget.tokens_per_param.", "null")
 
 
-def _check_vision(v: DictConfig) -> None:
+def _check_vision(m: DictConfig) -> None:
+    v = m.vision
+    for key in ("ffn_hidden", "n_kv_heads"):
+        if m[key] is not None:
+            raise ConfigError(f"model.{key}", f"is {m[key]}, but a vision model (model.family=mae) does not read it: "
+                              "its FFN widths follow from model.dim and model.vision.decoder_dim, and its "
+                              "attention has no grouped keys.", "null")
+    if v.channels != 3:
+        raise ConfigError("model.vision.channels", f"is {v.channels}; data=images decodes every file to RGB.", "3")
     for key in ("image_size", "patch_size", "channels", "decoder_dim", "decoder_layers", "decoder_heads"):
         check_positive(f"model.vision.{key}", v[key])
     if v.image_size % v.patch_size:
@@ -512,7 +520,7 @@ def _check_loss_chunk(chunk: int | None, seq_len: int) -> None:
                           + f") or a multiple of it (e.g. {seq_len}, {4 * seq_len})")
 
 
-def _check_train(t: DictConfig) -> None:
+def _check_train(t: DictConfig, vision: bool = False) -> None:
     check_positive("train.keep_checkpoints", t.keep_checkpoints)
     check_positive("train.peak_tflops", t.peak_tflops)
     for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_every", "eval_tokens", "log_every",
@@ -531,6 +539,8 @@ def _check_train(t: DictConfig) -> None:
     check_choice("train.dtype", t.dtype, DTYPES)
     check_choice("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     check_positive("train.activation_checkpointing_every", t.activation_checkpointing_every)
+    if vision:  # no vocabulary head, and validation is every validation image: the text keys below do not apply
+        return
     _check_loss_chunk(t.loss_chunk_tokens, t.seq_len)
     if t.eval_tokens < t.seq_len:
         raise ConfigError("train.eval_tokens",

@@ -10,7 +10,8 @@ GELU (the ViT baseline, Type-I), SwiGLU and every LA / MoA variant drop in; Type
 the 8/3 width that keeps the Type-I MLP's parameters, as in the language models.
 
 Which patches are masked is decided by `noise` (B, N), given with the images: the patches with the
-lowest noise are kept. The data pipeline draws it from the sample's index, so a sample is masked
+lowest noise are kept. The data pipeline draws it from the sample's index and passes each patch's
+rank in it (integers, which mixed precision never rounds), so a sample is masked
 the same way whatever the number of processes, and a resumed run masks as the uninterrupted one.
 
 Encoder and decoder blocks are one `layers` list (encoder first), so compile, activation
@@ -165,7 +166,8 @@ class MaskedAutoencoder(nn.Module):
 
     def encode(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoded class + visible tokens (B, 1 + n_visible, dim), restore order (B, N))."""
-        x = self.patch_embed(patchify(images, self.patch)) + self.pos_embed[1:]
+        patches = patchify(images, self.patch).to(self.patch_embed.weight.dtype)  # bf16 under FSDP2's policy
+        x = self.patch_embed(patches) + self.pos_embed[1:]
         order = noise.argsort(dim=1)  # ascending: the lowest-noise patches are kept
         keep = order[:, :self.n_visible]
         x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))

@@ -40,6 +40,8 @@ def parameter_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         seen.add(id(p))
         if id(p) in mixing:
             roles["mixing"].append(p)
+        elif p.ndim < 2:  # biases (a vision model's pixel head has one) and gains: never decayed
+            roles["vector"].append(p)
         elif id(p) in embedding:  # checked before head: a tied weight is the embedding
             roles["embedding"].append(p)
         elif id(p) in head:

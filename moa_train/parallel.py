@@ -91,7 +91,11 @@ def parallelize(model: nn.Module, env: DistEnv, compile: bool | None, dtype: str
             if use_bf16(env.device, dtype) else MixedPrecisionPolicy()
         for block in model.layers:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        # The root leaves its inputs as they come: a vision model's images stay float32 for its targets (it
+        # casts its own patch embedding's input); token ids are integers, which no policy casts anyway.
+        root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                           cast_forward_inputs=False)
+        fully_shard(model, mp_policy=root_policy)
     elif env.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -163,6 +163,9 @@ def test_checkpoints_hold_no_fixed_position_embeddings():
     (["data.images.crop_scale=[0.5,0.2]"], "data.images.crop_scale"),
     (["data.images.val_fraction=0"], "data.images.val_fraction"),
     (["budget.images=100", "budget.epochs=2"], "budget.images"),
+    (["model.vision.channels=1"], "model.vision.channels"),
+    (["model.ffn_hidden=128"], "model.ffn_hidden"),
+    (["model.n_kv_heads=2"], "model.n_kv_heads"),
 ])
 def test_bad_vision_values_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -184,8 +187,39 @@ def test_budget_in_epochs_and_images():
     budget = OmegaConf.create({"tokens_per_param": 20, "count": "active", "images": None, "epochs": 2.5})
     plan = plan_run(train, budget, {"active": 10_000}, train_images=1000)
     assert plan.steps == math.ceil(2500 / 64) and plan.budget_images == 2500 and plan.budget_tokens == 2500 * 64
+    with pytest.raises(ConfigError, match="budget.epochs"):  # epochs of a split nobody has read
+        plan_run(train, budget, {"active": 10_000})
     budget.epochs, budget.images = None, 640
     assert plan_run(train, budget, {"active": 10_000}).steps == 10
+
+
+def test_decoding_workers_do_not_name_another_run():
+    from moa_train.config import run_name
+
+    assert run_name(["data.images.workers=8"]) == "default"
+    assert run_name(["data.images.flip=false"]) == "data.images.flip=False"  # augmentation is the run
+
+
+def test_biases_and_tokens_are_never_decayed():
+    from moa_train.optim import parameter_roles
+
+    model = build("qd_moa")
+    roles = {role: {id(p) for p in params} for role, params in parameter_roles(model).items()}
+    for p in (model.output.bias, model.cls_token, model.mask_token, model.patch_embed.bias):
+        assert id(p) in roles["vector"]
+    assert id(model.output.weight) in roles["head"] and id(model.patch_embed.weight) in roles["matrix"]
+
+
+def test_concurrent_first_uses_of_the_offline_set_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moa_train.data.images import offline_image_set
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(offline_image_set, [tmp_path, tmp_path])
+    assert first == second and (first / "COMPLETE").is_file()
+    assert len(list_images(first)) == 1424
+    assert [p.name for p in (tmp_path / "images").iterdir()] == [first.name]  # no partial copy left
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -229,6 +263,8 @@ def test_sample_k_is_fixed_by_k_and_the_seed(tmp_path):
         xb, zb, _ = b[k]
         assert torch.equal(xa, xb) and torch.equal(za, zb)
         assert xa.shape == (3, 32, 32) and za.shape == (64,)
+        # the mask as each patch's rank: integers, a permutation of the patches
+        assert za.dtype == torch.int64 and sorted(za.tolist()) == list(range(64))
     assert not torch.equal(a[3][0], samples(split, seed=1)[3][0])
     n = len(split.train)  # an epoch reads each training file once
     assert sorted(a._order(0).tolist()) == list(range(n)) and a._order(1).tolist() != a._order(0).tolist()

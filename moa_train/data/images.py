@@ -65,9 +65,14 @@ def offline_image_set(cache_dir: Path) -> Path:
     target = cache_dir / "images" / f"skimage-tiles{OFFLINE_TILE}"
     if (target / "COMPLETE").is_file():
         return target
+    import shutil
+    import tempfile
+
     from PIL import Image
 
-    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # each process cuts into a folder of its own, renamed into place: concurrent first runs never see half a set
+    partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".partial-"))
     for name in OFFLINE_SOURCES:
         with Image.open(source_dir / name) as img:
             img = img.convert("RGB")
@@ -78,12 +83,10 @@ def offline_image_set(cache_dir: Path) -> Path:
                 tile = img.crop((left, top, left + OFFLINE_TILE, top + OFFLINE_TILE))
                 tile.save(folder / f"{top // OFFLINE_TILE:02d}_{left // OFFLINE_TILE:02d}.png")
     (partial / "COMPLETE").write_text("tiles of scikit-image 0.26's photographs (skimage/data), CC0 or public domain\n")
-    if target.exists():  # another process finished first
-        import shutil
-
-        shutil.rmtree(partial)
-    else:
+    try:
         partial.rename(target)
+    except OSError:  # another process finished first: its set is the same
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -244,8 +247,11 @@ class ImageSamples(torch.utils.data.Dataset):
                 skipped.append(str(exc))
         if img is None:
             return None, None, skipped
-        noise = torch.from_numpy(rng.random(self.n_patches, dtype=np.float32))
-        return self._transform(img, rng), noise, skipped
+        noise = rng.random(self.n_patches, dtype=np.float32)
+        image = self._transform(img, rng)
+        # each patch's rank in the noise (the model keeps the lowest): integers, which no mixed-precision
+        # policy casts (FSDP2 casts floating inputs to bf16, whose ties would change the mask)
+        return image, torch.from_numpy(np.argsort(np.argsort(noise, kind="stable"), kind="stable")), skipped
 
 
 def _collate(items):
@@ -296,7 +302,7 @@ class ImageBatches:
         size = self.plan.micro_batch_size
         batches = (list(range(f, f + size)) for f in firsts)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                             collate_fn=_collate, prefetch_factor=4 if self.workers else None)
+                                             collate_fn=_collate, prefetch_factor=2 if self.workers else None)
         self._iterator, self._expected = iter(loader), self._firsts(first)
 
     def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
