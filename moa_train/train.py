@@ -83,7 +83,8 @@ def count_and_plan(cfg: DictConfig, world_size: int = 1) -> tuple[dict[str, int]
 def image_split(cfg: DictConfig) -> ImageSplit:
     """data=images: the folder's training and validation files (the offline set is cut into the cache first)."""
     images = cfg.data.images
-    return split_images(image_root(cfg.data, cache_root(cfg.data)), images.val_fraction, images.max_val_images)
+    return split_images(image_root(cfg.data, cache_root(cfg.data)), images.val_fraction, images.max_val_images,
+                        offline=cfg.data.path is None)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -282,8 +283,7 @@ def load_data(cfg: DictConfig, env: DistEnv) -> PreparedData | ImageSplit:
         barrier()
         split = split or image_split(cfg)
         check_readable(split, cfg.model.vision.patch_size)
-        log.info("images: %d training and %d validation files in %s", len(split.train), len(split.val),
-                 display_path(split.root))
+        log.info("images: %d training and %d validation files in %s", len(split.train), len(split.val), split.where)
         return split
 
     def prepare():

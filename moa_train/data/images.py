@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..utils import expand_path
+from ..utils import display_path, expand_path
 
 log = logging.getLogger("moa_train")
 
@@ -117,13 +117,22 @@ class ImageSplit:
     root: Path
     train: list[str]
     val: list[str]
+    offline: bool = False  # the offline set, in the data cache
+
+    @property
+    def where(self) -> str:
+        """The folder as logs and records name it: no machine path for the offline set."""
+        if self.offline:
+            return f"the offline image set ({self.root.name} in the data cache)"
+        return display_path(self.root)
 
     def summary(self) -> dict:
-        return {"source": "images", "path": str(self.root), "train_images": len(self.train),
-                "val_images": len(self.val)}
+        return {"source": "images", "path": None if self.offline else display_path(self.root),
+                **({"offline_set": self.root.name} if self.offline else {}),
+                "train_images": len(self.train), "val_images": len(self.val)}
 
 
-def split_images(root: Path, val_fraction: float, max_val: int | None) -> ImageSplit:
+def split_images(root: Path, val_fraction: float, max_val: int | None, offline: bool = False) -> ImageSplit:
     files = list_images(root)
     if not files:
         raise DataError(f"data.path: no image files in '{root}' (looked for {', '.join(IMAGE_SUFFIXES)} in it and "
@@ -137,7 +146,7 @@ def split_images(root: Path, val_fraction: float, max_val: int | None) -> ImageS
         raise DataError(f"data.images.val_fraction={val_fraction} splits the {len(files)} images of '{root}' into "
                         f"{len(train)} training and {len(val)} validation files; both need at least one. Add images "
                         f"or change data.images.val_fraction.")
-    return ImageSplit(root, train, val)
+    return ImageSplit(root, train, val, offline)
 
 
 def check_readable(split: ImageSplit, patch_size: int, tries: int = 32) -> None:
