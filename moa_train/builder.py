@@ -13,8 +13,8 @@ from .budget import count_parameters
 from .distributed import DistEnv
 from .ffn import FFN_REGISTRY
 from .loss import chunk_tokens
-from .mae import MaskedAutoencoder, part_counts
-from .model import Transformer
+from .mae import MaskedAutoencoder, SelfAttention, part_counts
+from .model import Attention, Transformer, attention_min_head_dim
 from .parallel import configure_backends, parallelize
 
 
@@ -29,6 +29,10 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     if isinstance(model, Transformer):
         model.loss_chunk_tokens = chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size,
                                                cfg.train.seq_len, env.device.type)
+    min_head_dim = attention_min_head_dim(cfg.train.attention_min_head_dim, env.device.type)
+    for module in model.modules():
+        if isinstance(module, (Attention, SelfAttention)):
+            module.min_head_dim = min_head_dim
     return parallelize(model, env, cfg.train.compile, cfg.train.dtype, cfg.train.activation_checkpointing,
                        cfg.train.activation_checkpointing_every)
 

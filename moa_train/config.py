@@ -238,6 +238,9 @@ class TrainConfig:
     # whole logits tensor never exists (loss.py); null: sized from the vocabulary (16 MiB of logits per
     # chunk on CPU, 1 GiB on GPU); 0: plain F.cross_entropy over all logits
     loss_chunk_tokens: int | None = None
+    # Attention heads narrower than this are zero-padded to it before SDPA (same numbers: model.attention);
+    # null: 16 on CPU, where the flash kernel runs narrow heads slowly, off elsewhere; 0: off
+    attention_min_head_dim: int | None = None
     progress: bool = True
     threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
     # Per device, for MFU; None: the datasheet figure of a known GPU, or on CPU a matmul probe (hardware.py)
@@ -273,7 +276,7 @@ class RunConfig:
 NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
                "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops",
                "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile", "logger",
-               "train.loss_chunk_tokens", "optim.implementation",
+               "train.loss_chunk_tokens", "train.attention_min_head_dim", "optim.implementation",
                "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify", "data.images.workers")
 
 
@@ -526,7 +529,7 @@ def _check_train(t: DictConfig, vision: bool = False) -> None:
     for key in ("seq_len", "batch_size", "micro_batch_size", "max_steps", "eval_every", "eval_tokens", "log_every",
                 "ckpt_every", "threads"):
         check_positive(f"train.{key}", t[key])
-    for key in ("skip_nonfinite_steps",):
+    for key in ("skip_nonfinite_steps", "attention_min_head_dim"):
         check_positive(f"train.{key}", t[key], allow_zero=True)
     if t.device.split(":")[0] not in DEVICES:
         raise ConfigError("train.device", f"unknown value '{t.device}'.", "auto, cpu, cuda, cuda:N")

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from .ffn import FeedForward, build_ffn, ffn_hidden_dim
+from .model import attention
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,8 @@ def normalised_patches(patches: torch.Tensor) -> torch.Tensor:
 class SelfAttention(nn.Module):
     """ViT attention: every token sees every token; biased projections as in MAE (qkv_bias=True)."""
 
+    min_head_dim: int = 0  # set from train.attention_min_head_dim by the builder; see model.attention()
+
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
@@ -77,7 +79,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attention(q, k, v, self.min_head_dim)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

@@ -413,6 +413,7 @@ TRAIN_BAD_INPUT = [
     (["train.peak_tflops=-1"], "train.peak_tflops"),
     (["train.loss_chunk_tokens=300"], "train.loss_chunk_tokens"),
     (["train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens"),
+    (["train.attention_min_head_dim=-1"], "train.attention_min_head_dim"),
     (["optim.implementation=apex"], "optim.implementation"),
     (["train.resume={tmp}/no-such-checkpoint"], "train.resume"),
     (["train.resume={tmp}/DAMAGED/step-1"], "__0_0.distcp"),

@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import compose_config
 from moa_train.activations import ABBREVIATIONS, ACTIVATIONS, canonical_name, get_activation
 from moa_train.ffn import FFN_REGISTRY
-from moa_train.model import Transformer, apply_rope, rope_tables
+from moa_train.model import Transformer, apply_rope, attention, attention_min_head_dim, causal_mask, rope_tables
 from moa_train.optim import build_optimizer, parameter_roles
 
 
@@ -33,6 +33,38 @@ def test_attention_is_causal(ffn):
         a, b = model(tokens), model(changed)
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5)
     assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+@pytest.mark.parametrize("queries, keys", [(12, 12), (5, 12), (1, 12)])  # training, chunked prefill, decoding
+def test_zero_padded_heads_give_the_same_attention_and_gradients(queries, keys):
+    """The CPU speed lever pads heads of 10 to 16: the output and the gradients of q, k, v are unchanged."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, 4, n, 10, requires_grad=True) for n in (queries, keys, keys)]
+    upstream = torch.randn(2, 4, queries, 10)
+    results = []
+    for min_head_dim in (0, 16):
+        out = attention(*leaves, min_head_dim, **causal_mask(queries, keys, "cpu"))
+        grads = torch.autograd.grad((out * upstream).sum(), leaves)
+        results.append((out, *grads))
+    assert results[0][0].shape == (2, 4, queries, 10)
+    for plain, padded in zip(*results):
+        torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+        assert plain.abs().max() > 0.1  # a real comparison, not of zeros
+    assert attention_min_head_dim(None, "cpu") == 16 and attention_min_head_dim(None, "cuda") == 0
+    assert attention_min_head_dim(0, "cpu") == 0
+
+
+def test_padded_heads_leave_the_model_output_unchanged():
+    model = tiny_model("model.n_heads=16")  # heads of 8
+    tokens = torch.randint(0, 4096, (2, 16))
+    with torch.no_grad():
+        plain = model(tokens)
+        for module in model.modules():
+            if hasattr(module, "min_head_dim"):
+                module.min_head_dim = 16
+        padded = model(tokens)
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)
+    assert sum(getattr(m, "min_head_dim", 0) == 16 for m in model.modules()) == len(model.layers)
 
 
 def test_rope_scores_depend_only_on_relative_position():
