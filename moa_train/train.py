@@ -345,6 +345,7 @@ class Trainer:
         self.model, self.optimizer, self.data, self.loggers, self.checkpointer = (model, optimizer, data, loggers,
                                                                                   checkpointer)
         self.state = state
+        self.gate_detail: dict | None = None  # the final evaluation's detailed gate recordings (gates.json)
         self.autocast = autocast_context(env.device, cfg.train.dtype, env.mode)
         if isinstance(data, ImageSplit):
             self.train_batches, self.val_batches = image_batches(cfg, data, plan, env)
@@ -374,7 +375,7 @@ class Trainer:
                     log.error("training diverged at step %d: %s", state.step, state.failure)
                     break
                 if state.step % cfg.eval_every == 0 or state.step == plan.steps:
-                    row.update(self.evaluate())
+                    row.update(self.evaluate(final=state.step == plan.steps))
                 if "val_loss" in row or state.step % cfg.log_every == 0:
                     self.loggers.log({**row, "elapsed_s": state.elapsed()})
                     per_step = (time.perf_counter() - session_start) / (state.step - session_first_step)
@@ -442,9 +443,10 @@ class Trainer:
             x, y = self.train_batches.samples(first, plan.micro_batch_size)
             yield micro, x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
 
-    def evaluate(self) -> dict:
-        """The evaluation columns of a metrics row: val_loss, and the gate and expert-load statistics."""
-        self.state.val_loss, gates = self.validation()
+    def evaluate(self, final: bool = False) -> dict:
+        """The evaluation columns of a metrics row: val_loss, and the gate and expert-load statistics. The final
+        one also records the gates' distributions for gates.json, so that no second pass is needed."""
+        self.state.val_loss, gates = self.validation(detail=final)
         row = {"val_loss": self.state.val_loss}
         if gates:
             row["mix"] = gates
@@ -469,10 +471,18 @@ class Trainer:
                           **({"mfu": None} if self.peak_flops else {}),
                           "peak_memory_mib": peak_memory_mib(self.env.device), **({"mix": gates} if gates else {})})
 
-    def validation(self) -> tuple[float, dict]:
-        """The validation loss and the mean gate per layer and dictionary entry."""
-        loss, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast)
+    def validation(self, detail: bool = False) -> tuple[float, dict]:
+        """The validation loss and the mean gate per layer and dictionary entry; with `detail`, for a model with
+        MoA gates, the recordings are kept for gates.json (self.gate_detail)."""
+        gate_detail = GateDetail(vocab_size=self.cfg.model.vocab_size) if detail and self.has_moa_gates() else None
+        loss, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast, gate_detail)
+        if gate_detail is not None:
+            self.gate_detail = recorders
         return loss, mean_gates(recorders, gate_entry_names(unwrap(self.model)))
+
+    def has_moa_gates(self) -> bool:
+        """Token-dependent gates, whose distributions gates.json reports (baselines and LA have none)."""
+        return any(isinstance(m, Gates) and m.mixture == "moa" for m in unwrap(self.model).modules())
 
     def write_analysis(self) -> None:
         """After a completed run: gates.json for a language model with MoA gates, the reconstruction figure
@@ -488,14 +498,17 @@ class Trainer:
 
     def write_gate_analysis(self, tokenizer_path: Path) -> None:
         """gates.json (gate_report.py): the gates' distributions over the validation set and the tokens that
-        drive them, for a model with MoA gates; one more pass over the validation set."""
+        drive them, for a model with MoA gates, as the final evaluation recorded them (one more pass over the
+        validation set only when this session ran no final evaluation: a run resumed already complete)."""
         model = unwrap(self.model)
-        if not any(isinstance(m, Gates) and m.mixture == "moa" for m in model.modules()):
+        if not self.has_moa_gates():
             return  # baselines and LA: no token-dependent gates
         from tokenizers import Tokenizer
 
-        detail = GateDetail(vocab_size=self.cfg.model.vocab_size)
-        _, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast, detail)
+        recorders = self.gate_detail
+        if recorders is None:
+            _, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast,
+                                    GateDetail(vocab_size=self.cfg.model.vocab_size))
         if self.env.is_main:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
             summary = gate_summary(recorders, gate_entry_names(model), lambda i: tokenizer.decode([i]),

@@ -127,6 +127,42 @@ def test_an_moa_run_writes_gates_json_and_moa_gates_prints_it(tmp_path):
     assert gate_plots and (tmp_path / "report" / gate_plots[0]).stat().st_size > 10_000
 
 
+def test_gates_json_comes_from_the_final_evaluation_without_another_pass(tmp_path, monkeypatch):
+    """The final evaluation records the gates' distributions: a run evaluates at the start, every eval_every
+    steps and at the end, and no more; gates.json holds what a separate detailed pass over the final weights
+    finds, and the final row's mean gates are the same as without the detail."""
+    import moa_train.train as train_module
+    from conftest import compose_config
+    from moa_train.evaluation import evaluate
+
+    passes = []
+
+    def counting(*args, **kwargs):
+        passes.append(kwargs.get("detail", args[4] if len(args) > 4 else None))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    run_dir = tmp_path / "run"
+    cfg = compose_config("model=tiny", "ffn=one_moa", "ffn.kernel=eager", "train.max_steps=4", "train.batch_size=4",
+                         "train.seq_len=64", "train.eval_tokens=2048", "train.eval_every=2", "train.progress=false",
+                         "train.ckpt_at_end=true")
+    train_module.run(cfg, run_dir)
+    assert len(passes) == 3  # steps 0, 2 and 4: the final one is also the gates' analysis
+    assert [detail is not None for detail in passes] == [False, False, True]
+    gates = json.loads((run_dir / "gates.json").read_text())
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    for layer, record in gates["layers"].items():
+        assert [last["mix"][layer][name] for name in record["entries"]] == pytest.approx(record["mean"], abs=1e-5)
+
+    again = subprocess.run([sys.executable, "-m", "moa_train.gate_report", str(run_dir), "--recompute", "--json"],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    recomputed = json.loads(again.stdout)
+    for layer, record in gates["layers"].items():
+        assert recomputed["layers"][layer]["histogram"]["counts"] == record["histogram"]["counts"]
+        assert recomputed["layers"][layer]["mean"] == pytest.approx(record["mean"], abs=1e-6)
+
+
 def test_moa_gates_errors_name_the_path(tmp_path):
     for target in (tmp_path / "missing", tmp_path):
         done = subprocess.run([sys.executable, "-m", "moa_train.gate_report", str(target)], capture_output=True,
