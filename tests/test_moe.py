@@ -94,6 +94,24 @@ def test_grouped_paths_agree_and_handle_empty_experts():
     assert results["loop"][2][1].abs().sum() == 0  # an expert without tokens gets no gradient
 
 
+def test_gathered_rows_equal_the_repeated_layout_bitwise_forward_and_backward():
+    """gather_tokens builds x[order // k] in one copy; it must equal the repeated layout indexed by `order`,
+    and its gradient the repeated layout's (summed over each token's k rows), bit for bit in float32."""
+    from moa_train.moe import gather_tokens, sort_by_expert
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 24, requires_grad=True)
+    experts = torch.stack([torch.randperm(8)[:4] for _ in range(64)])
+    dispatch = sort_by_expert(experts, 8)
+    grad = torch.randn(64 * 4, 24)
+    got = gather_tokens(x, dispatch)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    want = x.repeat_interleave(4, dim=0)[dispatch.order]
+    (want_grad,) = torch.autograd.grad(want, x, grad)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    assert got_grad.abs().sum() > 0
+
+
 def test_naive_per_expert_loop_matches_grouped_path():
     moe = make_moe("qd_moa", top_k=4)
     x = torch.randn(3, 7, 12, dtype=torch.float64)

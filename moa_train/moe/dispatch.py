@@ -28,9 +28,26 @@ def sort_by_expert(experts: torch.Tensor, n_experts: int) -> Dispatch:
     return Dispatch(order, counts, flat[order], experts.shape[1])
 
 
+class _GatherRows(torch.autograd.Function):
+    """x[order // k] in one copy (the repeated (N*k, d) layout is never built); its gradient is the
+    unpermuted rows summed over each token's k assignments: a permutation and a sum, no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x[order // top_k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        unsorted = torch.empty_like(grad).index_copy_(0, order, grad)  # (N*k, d) in (token, k) order
+        return unsorted.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None
+
+
 def gather_tokens(x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
     """(N, d) -> (N*k, d) rows in expert order (each token repeated once per expert it visits)."""
-    return x.repeat_interleave(dispatch.top_k, dim=0)[dispatch.order]
+    return _GatherRows.apply(x, dispatch.order, dispatch.top_k)
 
 
 def combine(rows: torch.Tensor, dispatch: Dispatch, weights: torch.Tensor) -> torch.Tensor:
