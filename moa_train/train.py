@@ -474,7 +474,8 @@ class Trainer:
     def validation(self, detail: bool = False) -> tuple[float, dict]:
         """The validation loss and the mean gate per layer and dictionary entry; with `detail`, for a model with
         MoA gates, the recordings are kept for gates.json (self.gate_detail)."""
-        gate_detail = GateDetail(vocab_size=self.cfg.model.vocab_size) if detail and self.has_moa_gates() else None
+        wanted = detail and not isinstance(self.data, ImageSplit) and self.has_moa_gates()  # vision: no gates.json
+        gate_detail = GateDetail(vocab_size=self.cfg.model.vocab_size) if wanted else None
         loss, recorders = evaluate(self.model, self.val_batches, self.env, self.autocast, gate_detail)
         if gate_detail is not None:
             self.gate_detail = recorders
