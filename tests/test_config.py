@@ -250,6 +250,52 @@ def test_a_parallel_local_sweep_shares_the_cores_and_matches_a_sequential_one(tm
     assert sorted(s["status"] for s in joblib.values()) == ["completed", "completed", "diverged"]
 
 
+COMPILED_RUNS = """
+import json, sys, torch
+from moa_train.bench import _compose
+from moa_train.builder import build_model
+from moa_train.distributed import init_distributed
+from moa_train.optim import build_optimizer
+
+env = init_distributed("none", "cpu")
+losses = []
+for model_name in sys.argv[1:]:  # architectures one after another in this process, as a sweep job runs them
+    cfg = _compose([f"model={model_name}", "ffn=qd_moa", "train.compile=true", "train.threads=1", "train.seed=0"])
+    model = build_model(cfg, env)
+    optimizer = build_optimizer(model, cfg.optim)
+    tokens = torch.randint(0, 512, (2, 3, 8, 65), generator=torch.Generator().manual_seed(1))
+    run = []
+    for x in tokens[0]:
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.append(loss.item())
+    with torch.no_grad():
+        model.eval()
+        run.append(model(tokens[1, 0, :, :-1], tokens[1, 0, :, 1:]).item())
+    losses.append(run)
+print(json.dumps(losses))
+"""
+
+
+@pytest.mark.slow
+def test_a_compiled_run_does_not_depend_on_what_its_process_compiled_before():
+    """A sweep job process compiles each architecture it meets and keeps them all (make study interleaves
+    architectures on purpose): a compiled run's numbers must be those it has in a fresh process."""
+
+    def runs(*models):
+        done = subprocess.run([sys.executable, "-c", COMPILED_RUNS, *models], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    alone = runs("dense_60k")[0]
+    after_others = runs("dense_40k", "dense_60k", "dense_40k")
+    assert after_others[1] == alone  # bitwise, training and evaluation
+    assert after_others[2] == after_others[0]  # and the first architecture again after another
+    assert after_others[0] != alone
+
+
 def test_an_optuna_learning_rate_search_reports_its_best_run(tmp_path):
     """sweep=lr_optuna: each trial is a run; the objective Optuna minimises is the run's final val loss, so its
     reported best is the best run's; proposals stay in the interval and repeat with the sampler's seed."""
