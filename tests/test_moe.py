@@ -110,6 +110,9 @@ def test_gathered_rows_equal_the_repeated_layout_bitwise_forward_and_backward():
     (want_grad,) = torch.autograd.grad(want, x, grad)
     assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
     assert got_grad.abs().sum() > 0
+    transposed = torch.randn(24, 64 * 4).t()  # an incoming gradient that is not contiguous
+    assert torch.equal(torch.autograd.grad(gather_tokens(x, dispatch), x, transposed)[0],
+                       torch.autograd.grad(x.repeat_interleave(4, dim=0)[dispatch.order], x, transposed)[0])
 
 
 def test_naive_per_expert_loop_matches_grouped_path():

@@ -41,7 +41,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (order,) = ctx.saved_tensors
-        unsorted = torch.empty_like(grad).index_copy_(0, order, grad)  # (N*k, d) in (token, k) order
+        unsorted = grad.new_empty(grad.shape).index_copy_(0, order, grad)  # (N*k, d) in (token, k) order, contiguous
         return unsorted.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None
 
 
