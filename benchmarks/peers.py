@@ -1,13 +1,21 @@
 """moa-train against its peers at equal dims, in one process tree, in alternating rounds.
 
 Arms (each in a fresh process, so that no arm warms another's caches):
-  cli-<ffn>   the full `moa-train` step, as metrics.jsonl reports tokens_per_s (clipping, logging and all)
-  bare-<ffn>  the project's own model (builder.build_model) in a bare loop with torch's AdamW
+  cli-<ffn>   the full `moa-train` step, as metrics.jsonl reports tokens_per_s (clipping, logging and all);
+              cli-<ffn>+KEY=VALUE[+...]: the same with these overrides (e.g. +train.compile=true: the
+              compilation falls in the warm-up steps)
+  bare-<ffn>  the project's own model (builder.build_model) in a bare loop with torch's AdamW (overrides
+              as for cli)
   hf-swiglu   a bare `transformers` LlamaForCausalLM loop (SDPA attention, torch's AdamW, no clipping)
 and the MoE block alone (forward + backward, 32 experts, top-4, one shared expert):
   moe-ours    moa_train.moe.MoE (grouped dispatch)
   moe-hf      transformers' Qwen2MoeSparseMoeBlock, which also has a shared expert (its default experts
               implementation; `moe-hf-grouped` is its grouped_mm one where the installed version has it)
+
+The allocator: moa-train makes glibc keep freed memory for the next step (hardware.reuse_freed_memory,
+train.cpu_reuse_freed_memory), so the cli, bare and moe-ours arms run with it, and the transformers arms
+with the allocator as a transformers process has it. `+reuse` on an hf or moe-hf arm gives that arm the same
+setting, `+malloc-default` on moe-ours takes it away: the comparison with the allocator held equal.
 
 Every figure is the median over the timed steps of one run; an arm's figure is its best run over the rounds.
 Ratios are what to read: a single run on a shared machine moves by 10-15%. Each ratio is given twice: of
@@ -56,9 +64,10 @@ def _random_batch(vocab: int, batch: int, seq_len: int):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
-def arm_cli(ffn: str, steps: int, warmup: int) -> float:
+def arm_cli(detail: str, steps: int, warmup: int) -> float:
+    ffn, *extra = detail.split("+")  # cli-swiglu+train.compile=true: the run with these overrides
     with tempfile.TemporaryDirectory() as tmp:
-        run = subprocess.run([sys.executable, "-m", "moa_train", *MODEL_OVERRIDES, f"ffn={ffn}",
+        run = subprocess.run([sys.executable, "-m", "moa_train", *MODEL_OVERRIDES, f"ffn={ffn}", *extra,
                               f"train.max_steps={steps + warmup}", "train.eval_every=100000",
                               "train.eval_at_start=false", "train.ckpt_at_end=false", "train.log_every=1",
                               "train.progress=false", "train.resume=never", f"hydra.run.dir={tmp}/run"],
@@ -69,14 +78,15 @@ def arm_cli(ffn: str, steps: int, warmup: int) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows if r["step"] > warmup)
 
 
-def arm_bare(ffn: str, steps: int, warmup: int) -> float:
+def arm_bare(detail: str, steps: int, warmup: int) -> float:
     import torch
 
     from moa_train.builder import build_model
     from moa_train.config import compose_run_config
     from moa_train.distributed import init_distributed
 
-    cfg = compose_run_config([*MODEL_OVERRIDES, f"ffn={ffn}"])
+    ffn, *extra = detail.split("+")
+    cfg = compose_run_config([*MODEL_OVERRIDES, f"ffn={ffn}", *extra])
     model = build_model(cfg, init_distributed("none", "cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     x, y = _random_batch(DIMS["vocab_size"], DIMS["batch"], DIMS["seq_len"])
@@ -156,12 +166,21 @@ def worker(arm: str, steps: int, warmup: int) -> float:
         return arm_cli(detail, steps, warmup)
     if kind == "bare":
         return arm_bare(detail, steps, warmup)
+    name, *flags = detail.split("+")
+    unknown = set(flags) - {"reuse", "malloc-default"}
+    if unknown:
+        raise SystemExit(f"peers: unknown arm flag(s) {sorted(unknown)} in {arm!r}; accepted: +reuse, +malloc-default")
+    if (name == "ours" and "malloc-default" not in flags) or "reuse" in flags:
+        from moa_train.hardware import reuse_freed_memory
+
+        reuse_freed_memory()  # as moa-train's build_model does on CPU
     if kind == "hf":
         return arm_hf(steps, warmup)
-    return arm_moe({"ours": "ours", "hf": "hf", "hf-grouped": "hf-grouped"}[detail], steps, warmup)
+    return arm_moe({"ours": "ours", "hf": "hf", "hf-grouped": "hf-grouped"}[name], steps, warmup)
 
 
-ARMS = ["hf-swiglu", "cli-swiglu", "bare-swiglu", "cli-qd_moa", "bare-qd_moa", "moe-hf", "moe-ours"]
+ARMS = ["hf-swiglu", "hf-swiglu+reuse", "cli-swiglu", "bare-swiglu", "cli-qd_moa", "bare-qd_moa", "moe-hf",
+        "moe-hf+reuse", "moe-ours"]
 
 
 def main() -> None:
@@ -177,6 +196,7 @@ def main() -> None:
         print(json.dumps({"tokens_per_s": worker(args.worker, args.steps, args.warmup)}))
         return
     arms = args.arms.split(",")
+    width = max(map(len, arms))
     runs: dict[str, list[float]] = {a: [] for a in arms}
     for round_ in range(args.rounds):
         for arm in arms:
@@ -185,19 +205,22 @@ def main() -> None:
             if done.returncode:
                 raise SystemExit(f"peers: arm {arm} failed:\n{done.stderr[-3000:]}")
             runs[arm].append(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
-            print(f"round {round_ + 1}: {arm:<14} {runs[arm][-1]:>10,.0f} tokens/s", flush=True)
+            print(f"round {round_ + 1}: {arm:<{width}} {runs[arm][-1]:>10,.0f} tokens/s", flush=True)
     best = {a: max(v) for a, v in runs.items()}
-    pairs = [(arm, "hf-swiglu") for arm in arms if arm.startswith(("cli-", "bare-")) and "hf-swiglu" in best]
-    pairs += [("moe-ours", hf) for hf in ("moe-hf", "moe-hf-grouped") if hf in best and "moe-ours" in best]
+    hf_lm = [a for a in arms if a.startswith("hf-")]
+    hf_moe = [a for a in arms if a.startswith("moe-hf")]
+    pairs = [(arm, hf) for hf in hf_lm for arm in arms if arm.startswith(("cli-", "bare-"))]
+    pairs += [(arm, hf) for hf in hf_moe for arm in arms if arm.startswith("moe-ours")]
     ratios = {f"{a} / {b}": best[a] / best[b] for a, b in pairs}
     round_ratios = {f"{a} / {b}": [x / y for x, y in zip(runs[a], runs[b])] for a, b in pairs}
     print("\nbest of the rounds (tokens/s) and ratios:")
     for arm in arms:
-        print(f"  {arm:<14} {best[arm]:>10,.0f}   (runs: {', '.join(f'{v:,.0f}' for v in runs[arm])})")
-    print(f"  {'ratio':<28} {'of best':>8} {'median of rounds':>17}  (each round's)")
+        print(f"  {arm:<{width}} {best[arm]:>10,.0f}   (runs: {', '.join(f'{v:,.0f}' for v in runs[arm])})")
+    ratio_width = max(map(len, ratios), default=5)
+    print(f"  {'ratio':<{ratio_width}} {'of best':>8} {'median of rounds':>17}  (each round's)")
     for name, ratio in ratios.items():
         per_round = round_ratios[name]
-        print(f"  {name:<28} {ratio:>8.3f} {statistics.median(per_round):>17.3f}  "
+        print(f"  {name:<{ratio_width}} {ratio:>8.3f} {statistics.median(per_round):>17.3f}  "
               f"({', '.join(f'{r:.3f}' for r in per_round)})")
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "python": platform.python_version()}, "dims": DIMS, "moe_dims": MOE_DIMS,

@@ -243,6 +243,10 @@ class TrainConfig:
     attention_min_head_dim: int | None = None
     progress: bool = True
     threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
+    # CPU: glibc's malloc keeps freed memory for the next step instead of returning it to the kernel, so a
+    # step's tensors do not fault in fresh pages (hardware.reuse_freed_memory; the resident set stays at its
+    # peak). Process-wide once set; left alone where MALLOC_* or LD_PRELOAD tunes the allocator.
+    cpu_reuse_freed_memory: bool = True
     # Per device, for MFU; None: the datasheet figure of a known GPU, or on CPU a matmul probe (hardware.py)
     peak_tflops: float | None = None
     ckpt_every: int | None = 1000  # steps between checkpoints; None: only at the end and on SIGTERM/SIGUSR1
@@ -273,11 +277,12 @@ class RunConfig:
 # Keys that do not change what a run computes: a finished run with other values is the same run
 # (train.py skips it; the run directory's name leaves them out, so rerunning with other values
 # finds it), and runs that differ only there are compared (moa-report). A key covers its subkeys.
-NOT_THE_RUN = ("train.progress", "train.threads", "train.resume", "train.ckpt_every", "train.ckpt_at_end",
-               "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every", "train.peak_tflops",
-               "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile", "logger",
-               "train.loss_chunk_tokens", "train.attention_min_head_dim", "optim.implementation",
-               "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify", "data.images.workers")
+NOT_THE_RUN = ("train.progress", "train.threads", "train.cpu_reuse_freed_memory", "train.resume", "train.ckpt_every",
+               "train.ckpt_at_end", "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every",
+               "train.peak_tflops", "train.activation_checkpointing", "train.activation_checkpointing_every",
+               "train.compile", "logger", "train.loss_chunk_tokens", "train.attention_min_head_dim",
+               "optim.implementation", "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify",
+               "data.images.workers")
 
 
 def run_name(overrides) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from . import hardware
 from .distributed import DistEnv
 from .utils import recomputing
 
@@ -30,9 +31,11 @@ def autocast_context(device: torch.device, dtype: str, mode: str = "none"):
     return contextlib.nullcontext()
 
 
-def configure_backends(device: torch.device, threads: int | None = None) -> None:
+def configure_backends(device: torch.device, threads: int | None = None, reuse_freed_memory: bool = True) -> None:
     if threads:  # parallel sweep jobs share the cores: one thread each instead of all cores each
         torch.set_num_threads(threads)
+    if device.type == "cpu" and reuse_freed_memory:  # no page faults for each step's new tensors (hardware.py)
+        hardware.reuse_freed_memory()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left on GPU
         torch.backends.cudnn.allow_tf32 = True
