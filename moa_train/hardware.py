@@ -103,23 +103,27 @@ def peak_memory_mib(device: torch.device) -> float:
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+# Blocks up to this size come from the heap and are reused; 32 MiB where glibc refuses more (its documented
+# maximum; the glibc of the development machines, 2.36, takes 1 GiB)
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def reuse_freed_memory() -> bool:
     """Make glibc's malloc keep the memory a step frees for the next step. By default it hands blocks over
-    128 KiB back to the kernel (munmap, heap trimming), and the next step's tensors of the same sizes then
-    fault in fresh zero-filled pages: at the peers dims (docs/benchmarks.md) a transformers Llama step takes
-    74k page faults and 180 ms of system time, this project's 15k (43 ms); with this, under 1.5k and a few
-    ms. Blocks up to 32 MiB then come from the heap, and the heap is not trimmed: the resident set stays at
-    its peak instead of dropping between steps. What PyTorch's CPU tuning guide does with jemalloc or
-    tcmalloc, without a preloaded library. Left alone where the user tuned the allocator (glibc's MALLOC_*
-    variables, another malloc in LD_PRELOAD) or libc is not glibc. Process-wide; returns whether it applied."""
+    128 KiB (at most 32 MiB after its own adjustment) back to the kernel, by munmap or by trimming the heap,
+    and the next step's tensors of the same sizes then fault in fresh zero-filled pages: at the peers dims
+    (docs/benchmarks.md) a transformers Llama step takes 66-77k page faults and 140-180 ms of system time,
+    this project's 15k (43 ms); with this setting 7-11k and about 1.2k. Blocks up to 1 GiB then come from
+    the heap, and the heap is not trimmed: the resident set stays at its peak instead of dropping between
+    steps. It is what PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc, without the extra
+    library. Left alone where the user tuned the allocator (glibc's MALLOC_* variables, another malloc in
+    LD_PRELOAD) or libc is not glibc. Process-wide; returns whether it applied."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if any(name in os.environ for name in ALLOCATOR_ENV) or "malloc" in os.environ.get("LD_PRELOAD", ""):
         return False
     libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                            2**31 - 1))
+    if not any(libc.mallopt(M_MMAP_THRESHOLD, threshold) for threshold in MMAP_THRESHOLDS):
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
