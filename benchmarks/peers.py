@@ -17,12 +17,18 @@ train.cpu_reuse_freed_memory), so the cli, bare and moe-ours arms run with it, a
 with the allocator as a transformers process has it. `+reuse` on an hf or moe-hf arm gives that arm the same
 setting, `+malloc-default` on moe-ours takes it away: the comparison with the allocator held equal.
 
-Every figure is the median over the timed steps of one run; an arm's figure is its best run over the rounds.
-Ratios are what to read: a single run on a shared machine moves by 10-15%. Each ratio is given twice: of
-the best runs, and the median over the rounds of each round's ratio (the two arms of a round ran minutes
-apart, under the same load: the robust one).
+Rounds: every figure is the median over the timed steps of one run; an arm's figure is its best run over the
+rounds. Each ratio is given twice: of the best runs, and the median over the rounds of each round's ratio.
+On a shared machine whose speed swings by 20% over tens of seconds, the two arms of a round (minutes apart)
+do not meet the same load, and 5-8 rounds still leave the median uncertain by several percent.
+
+Lockstep (--pairs ARM:BASE): both arms' processes live at once and take turns, one step each, so that each
+pair of neighbouring steps meets the same moment of the machine; the speed-up is the median over the pairs
+of BASE's step time over ARM's, with its quartiles. A cli arm there is the moa-train CLI in its worker
+process, its Trainer driven step by step; a step's time is what its metrics row reports.
 
     python benchmarks/peers.py --rounds 3 --json benchmarks/peers_cpu.json
+    python benchmarks/peers.py --rounds 0 --pairs cli-swiglu:hf-swiglu,moe-ours:moe-hf
 """
 
 from __future__ import annotations
@@ -78,7 +84,7 @@ def arm_cli(detail: str, steps: int, warmup: int) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows if r["step"] > warmup)
 
 
-def arm_bare(detail: str, steps: int, warmup: int) -> float:
+def bare_step(detail: str):
     import torch
 
     from moa_train.builder import build_model
@@ -96,10 +102,10 @@ def arm_bare(detail: str, steps: int, warmup: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return DIMS["batch"] * DIMS["seq_len"] / statistics.median(_timed(step, steps, warmup))
+    return step, DIMS["batch"] * DIMS["seq_len"]
 
 
-def arm_hf(steps: int, warmup: int) -> float:
+def hf_step():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,11 +125,11 @@ def arm_hf(steps: int, warmup: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return DIMS["batch"] * DIMS["seq_len"] / statistics.median(_timed(step, steps, warmup))
+    return step, DIMS["batch"] * DIMS["seq_len"]
 
 
-def arm_moe(which: str, steps: int, warmup: int) -> float:
-    """Tokens per second through one MoE block, forward and backward."""
+def moe_step(which: str):
+    """One MoE block, forward and backward."""
     import torch
 
     torch.manual_seed(0)
@@ -157,15 +163,14 @@ def arm_moe(which: str, steps: int, warmup: int) -> float:
     def step():
         block(x).float().pow(2).mean().backward()
 
-    return tokens / statistics.median(_timed(step, steps, warmup))
+    return step, tokens
 
 
-def worker(arm: str, steps: int, warmup: int) -> float:
+def step_of(arm: str):
+    """(step function, tokens a step) of a bare, hf or moe arm, in this process."""
     kind, _, detail = arm.partition("-")
-    if kind == "cli":
-        return arm_cli(detail, steps, warmup)
     if kind == "bare":
-        return arm_bare(detail, steps, warmup)
+        return bare_step(detail)
     name, *flags = detail.split("+")
     unknown = set(flags) - {"reuse", "malloc-default"}
     if unknown:
@@ -175,33 +180,120 @@ def worker(arm: str, steps: int, warmup: int) -> float:
 
         reuse_freed_memory()  # as moa-train's build_model does on CPU
     if kind == "hf":
-        return arm_hf(steps, warmup)
-    return arm_moe({"ours": "ours", "hf": "hf", "hf-grouped": "hf-grouped"}[name], steps, warmup)
+        return hf_step()
+    if kind == "moe" and name in ("ours", "hf", "hf-grouped"):
+        return moe_step(name)
+    raise SystemExit(f"peers: unknown arm {arm!r}; accepted: cli-<ffn>, bare-<ffn>, hf-swiglu, moe-ours, moe-hf, "
+                     "moe-hf-grouped")
+
+
+def worker(arm: str, steps: int, warmup: int) -> float:
+    """An arm's tokens per second: the median over `steps` timed steps after `warmup` untimed ones."""
+    if arm.startswith("cli-"):
+        return arm_cli(arm.removeprefix("cli-"), steps, warmup)
+    step, tokens = step_of(arm)
+    return tokens / statistics.median(_timed(step, steps, warmup))
+
+
+# Lockstep: two arms' processes take turns step by step, so that both meet the same moments of a shared
+# machine; the ratio of each pair of neighbouring steps is free of the machine's slow swings.
+ANSWER = "PEERS "
+
+
+def _answer(text: str) -> None:
+    print(ANSWER + text, flush=True)
+
+
+def _wait_for_turn() -> bool:
+    return sys.stdin.readline().strip() == "step"
+
+
+def serve(arm: str, steps: int, warmup: int) -> None:
+    """A lockstep worker: build the arm, run its warm-up, answer `ready`, then one step per `step` line on stdin,
+    answering each with the step's seconds. A cli arm is the moa-train CLI itself, whose Trainer takes its turns:
+    each step's seconds are those its metrics row would report (tokens_per_step / tokens_per_s)."""
+    if not arm.startswith("cli-"):
+        step, _ = step_of(arm)
+        for _ in range(warmup):
+            step()
+        _answer("ready")
+        while _wait_for_turn():
+            started = time.perf_counter()
+            step()
+            _answer(str(time.perf_counter() - started))
+        return
+    from moa_train import train as training
+
+    def fit(trainer) -> None:
+        for index in range(trainer.plan.steps):
+            if index == warmup:
+                _answer("ready")
+            if index >= warmup and not _wait_for_turn():
+                break
+            row = trainer.train_step(index)
+            if index >= warmup:
+                _answer(str(trainer.plan.tokens_per_step / row["tokens_per_s"]))
+
+    training.Trainer.fit = fit
+    ffn, *extra = arm.removeprefix("cli-").split("+")
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.argv = ["moa-train", *MODEL_OVERRIDES, f"ffn={ffn}", *extra, f"train.max_steps={steps + warmup}",
+                    "train.eval_at_start=false", "train.ckpt_at_end=false", "train.progress=false",
+                    "train.resume=never", f"hydra.run.dir={tmp}/run"]
+        from moa_train.cli import main as cli_main
+
+        cli_main()
+
+
+def _start(arm: str, steps: int, warmup: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, __file__, "--serve", arm, "--steps", str(steps), "--warmup",
+                                str(warmup)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if _read_answer(process, arm) != "ready":
+        raise SystemExit(f"peers: arm {arm} did not get ready")
+    return process
+
+
+def _read_answer(process: subprocess.Popen, arm: str) -> str:
+    for line in process.stdout:
+        if line.startswith(ANSWER):
+            return line[len(ANSWER):].strip()
+    raise SystemExit(f"peers: arm {arm} ended early (exit status {process.wait()})")
+
+
+def lockstep(arm: str, base: str, steps: int, warmup: int) -> list[float]:
+    """Per pair of neighbouring steps, base's step time over arm's: arm's speed-up over base. The processes start
+    one after the other (their warm-ups would slow each other); the order within a pair alternates."""
+    processes = {name: _start(name, steps, warmup) for name in (arm, base)}
+    times: dict[str, list[float]] = {arm: [], base: []}
+    try:
+        for index in range(steps):
+            for name in ((arm, base) if index % 2 == 0 else (base, arm)):
+                processes[name].stdin.write("step\n")
+                processes[name].stdin.flush()
+                times[name].append(float(_read_answer(processes[name], name)))
+    finally:
+        for process in processes.values():
+            process.stdin.close()
+            process.wait()
+    return [b / a for a, b in zip(times[arm], times[base])]
 
 
 ARMS = ["hf-swiglu", "hf-swiglu+reuse", "cli-swiglu", "bare-swiglu", "cli-qd_moa", "bare-qd_moa", "moe-hf",
         "moe-hf+reuse", "moe-ours"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps({"tokens_per_s": worker(args.worker, args.steps, args.warmup)}))
-        return
-    arms = args.arms.split(",")
+PAIRS = ["cli-swiglu:hf-swiglu", "cli-qd_moa:hf-swiglu", "cli-swiglu:hf-swiglu+reuse", "moe-ours:moe-hf",
+         "moe-ours:moe-hf+reuse"]
+
+
+def rounds(arms: list[str], n_rounds: int, steps: int, warmup: int) -> dict:
+    """Each arm in a fresh process, one after another, round after round; ratios of best runs and per round."""
     width = max(map(len, arms))
     runs: dict[str, list[float]] = {a: [] for a in arms}
-    for round_ in range(args.rounds):
+    for round_ in range(n_rounds):
         for arm in arms:
-            done = subprocess.run([sys.executable, __file__, "--worker", arm, "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup)], capture_output=True, text=True)
+            done = subprocess.run([sys.executable, __file__, "--worker", arm, "--steps", str(steps),
+                                   "--warmup", str(warmup)], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"peers: arm {arm} failed:\n{done.stderr[-3000:]}")
             runs[arm].append(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
@@ -222,15 +314,51 @@ def main() -> None:
         per_round = round_ratios[name]
         print(f"  {name:<{ratio_width}} {ratio:>8.3f} {statistics.median(per_round):>17.3f}  "
               f"({', '.join(f'{r:.3f}' for r in per_round)})")
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": platform.python_version()}, "dims": DIMS, "moe_dims": MOE_DIMS,
-              "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "runs": runs, "best": best,
-              "ratios": ratios, "round_ratios": round_ratios,
-              "median_round_ratios": {k: statistics.median(v) for k, v in round_ratios.items()}}
+    return {"steps": steps, "warmup": warmup, "rounds": n_rounds, "runs": runs, "best": best, "ratios": ratios,
+            "round_ratios": round_ratios,
+            "median_round_ratios": {k: statistics.median(v) for k, v in round_ratios.items()}}
+
+
+def lockstep_pairs(pairs: list[str], steps: int, warmup: int) -> dict:
+    print(f"\nlockstep ({steps} steps of each arm, taking turns; speed-up = the other's step time over the arm's):")
+    results = {}
+    for pair in pairs:
+        arm, base = pair.split(":")
+        ratios = lockstep(arm, base, steps, warmup)
+        q1, median, q3 = statistics.quantiles(ratios, n=4)
+        results[f"{arm} / {base}"] = {"median": median, "q1": q1, "q3": q3, "ratios": ratios}
+        print(f"  {arm + ' / ' + base:<32} median {median:.3f}   quartiles {q1:.3f}-{q3:.3f}   "
+              f"({sum(r > 1 for r in ratios)} of {len(ratios)} pairs faster)", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all arms in fresh processes (0: none)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--pairs", default=",".join(PAIRS), help="ARM:BASE pairs run in lockstep ('': none)")
+    parser.add_argument("--lockstep-steps", type=int, default=30)
+    parser.add_argument("--json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps({"tokens_per_s": worker(args.worker, args.steps, args.warmup)}))
+        return
+    if args.serve:
+        serve(args.serve, args.steps, args.warmup)
+        return
     import torch
 
-    report["machine"]["torch"] = torch.__version__
-    report["machine"]["threads"] = torch.get_num_threads()
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}, "dims": DIMS, "moe_dims": MOE_DIMS}
+    if args.rounds:
+        report.update(rounds(args.arms.split(","), args.rounds, args.steps, args.warmup))
+    if args.pairs:
+        report["lockstep"] = lockstep_pairs(args.pairs.split(","), args.lockstep_steps, args.warmup)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # moa-train against a bare transformers Llama loop and the transformers Qwen2-MoE block at equal dims, in
-# alternating rounds in one process tree (benchmarks/peers.py). Usage: benchmarks/peers.sh [ROUNDS] [OUT.json]
+# alternating rounds in one process tree, then pairs of arms in lockstep (their processes take turns step by
+# step; the figure to read on a shared machine): benchmarks/peers.py. Usage: benchmarks/peers.sh [ROUNDS] [OUT.json]
 # Needs transformers (the eval extra: pip install 'moa-train[eval]'; make install has it).
 set -euo pipefail
 rounds=${1:-5}
