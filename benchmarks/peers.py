@@ -70,13 +70,18 @@ def _random_batch(vocab: int, batch: int, seq_len: int):
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def cli_overrides(detail: str, total_steps: int, run_dir: str) -> list[str]:
+    """The moa-train command line of a cli arm: cli-swiglu+train.compile=true is the run with these overrides,
+    every step logged, no evaluation or checkpoint between the steps."""
+    ffn, *extra = detail.split("+")
+    return [*MODEL_OVERRIDES, f"ffn={ffn}", *extra, f"train.max_steps={total_steps}", "train.eval_every=100000",
+            "train.eval_at_start=false", "train.ckpt_at_end=false", "train.log_every=1", "train.progress=false",
+            "train.resume=never", f"hydra.run.dir={run_dir}"]
+
+
 def arm_cli(detail: str, steps: int, warmup: int) -> float:
-    ffn, *extra = detail.split("+")  # cli-swiglu+train.compile=true: the run with these overrides
     with tempfile.TemporaryDirectory() as tmp:
-        run = subprocess.run([sys.executable, "-m", "moa_train", *MODEL_OVERRIDES, f"ffn={ffn}", *extra,
-                              f"train.max_steps={steps + warmup}", "train.eval_every=100000",
-                              "train.eval_at_start=false", "train.ckpt_at_end=false", "train.log_every=1",
-                              "train.progress=false", "train.resume=never", f"hydra.run.dir={tmp}/run"],
+        run = subprocess.run([sys.executable, "-m", "moa_train", *cli_overrides(detail, steps + warmup, f"{tmp}/run")],
                              capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"peers: moa-train failed:\n{run.stderr[-3000:]}")
@@ -235,11 +240,8 @@ def serve(arm: str, steps: int, warmup: int) -> None:
                 _answer(str(trainer.plan.tokens_per_step / row["tokens_per_s"]))
 
     training.Trainer.fit = fit
-    ffn, *extra = arm.removeprefix("cli-").split("+")
     with tempfile.TemporaryDirectory() as tmp:
-        sys.argv = ["moa-train", *MODEL_OVERRIDES, f"ffn={ffn}", *extra, f"train.max_steps={steps + warmup}",
-                    "train.eval_at_start=false", "train.ckpt_at_end=false", "train.progress=false",
-                    "train.resume=never", f"hydra.run.dir={tmp}/run"]
+        sys.argv = ["moa-train", *cli_overrides(arm.removeprefix("cli-"), steps + warmup, f"{tmp}/run")]
         from moa_train.cli import main as cli_main
 
         cli_main()
