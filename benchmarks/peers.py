@@ -11,6 +11,9 @@ and the MoE block alone (forward + backward, 32 experts, top-4, one shared exper
   moe-ours    moa_train.moe.MoE (grouped dispatch)
   moe-hf      transformers' Qwen2MoeSparseMoeBlock, which also has a shared expert (its default experts
               implementation; `moe-hf-grouped` is its grouped_mm one where the installed version has it)
+  moe-ours-mixtral, moe-hf-mixtral
+              the same without a shared expert and with the top-k weights renormalised: moa_train's block
+              configured as Mixtral's, and transformers' MixtralSparseMoeBlock
 
 The allocator: moa-train makes glibc keep freed memory for the next step (hardware.reuse_freed_memory,
 train.cpu_reuse_freed_memory), so the cli, bare and moe-ours arms run with it, and the transformers arms
@@ -133,37 +136,70 @@ def hf_step():
     return step, DIMS["batch"] * DIMS["seq_len"]
 
 
-def moe_step(which: str):
-    """One MoE block, forward and backward."""
+MOE_BLOCKS = ("ours", "hf", "hf-grouped", "ours-mixtral", "hf-mixtral")
+
+
+def moe_block_kind(name: str) -> tuple[str, str]:
+    """(side, block) of a moe arm's name: ours-mixtral -> (ours, mixtral); hf-grouped is transformers' other
+    experts implementation of the same Qwen2-MoE block."""
+    side, _, block = name.partition("-")
+    return side, "qwen2_moe" if block in ("", "grouped") else block
+
+
+def moe_block(which: str):
+    """One MoE block at MOE_DIMS. `ours` and `hf` have one shared expert and the top-k softmax weights as they
+    are (Qwen2-MoE, whose shared expert also has a sigmoid gate of its own); the `-mixtral` pair has no shared
+    expert and renormalises the top-k weights to sum to 1 (Mixtral): the same function (test)."""
     import torch
 
     torch.manual_seed(0)
-    d, tokens = MOE_DIMS["dim"], MOE_DIMS["tokens"]
-    if which == "ours":
+    d = MOE_DIMS["dim"]
+    side, block_kind = moe_block_kind(which)
+    mixtral = block_kind == "mixtral"
+    if side == "ours":
         from omegaconf import OmegaConf
 
         from moa_train.config import FFNConfig, MoEConfig
         from moa_train.moe.layer import MoE
 
-        # As Qwen2-MoE routes: softmax over all experts, the top-k weights not renormalised
         moe_cfg = OmegaConf.structured(MoEConfig(n_experts=MOE_DIMS["n_experts"], top_k=MOE_DIMS["top_k"],
-                                                 n_shared_experts=1, expert_hidden=MOE_DIMS["expert_hidden"],
-                                                 score="softmax", renormalize=False))
+                                                 n_shared_experts=0 if mixtral else 1,
+                                                 expert_hidden=MOE_DIMS["expert_hidden"], score="softmax",
+                                                 renormalize=mixtral))
         block = MoE(d, moe_cfg, OmegaConf.structured(FFNConfig(name="swiglu")), 16)
         block.reset_parameters(0.02, 0.02)
     else:
-        from transformers import Qwen2MoeConfig
-        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+        if mixtral:
+            from transformers import MixtralConfig
+            from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-        config = Qwen2MoeConfig(hidden_size=d, num_experts=MOE_DIMS["n_experts"],
-                                num_experts_per_tok=MOE_DIMS["top_k"], moe_intermediate_size=MOE_DIMS["expert_hidden"],
-                                shared_expert_intermediate_size=MOE_DIMS["expert_hidden"])
+            config = MixtralConfig(hidden_size=d, num_local_experts=MOE_DIMS["n_experts"],
+                                   num_experts_per_tok=MOE_DIMS["top_k"], intermediate_size=MOE_DIMS["expert_hidden"])
+            block_class = MixtralSparseMoeBlock
+        else:
+            from transformers import Qwen2MoeConfig
+            from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+            config = Qwen2MoeConfig(hidden_size=d, num_experts=MOE_DIMS["n_experts"],
+                                    num_experts_per_tok=MOE_DIMS["top_k"],
+                                    moe_intermediate_size=MOE_DIMS["expert_hidden"],
+                                    shared_expert_intermediate_size=MOE_DIMS["expert_hidden"])
+            block_class = Qwen2MoeSparseMoeBlock
         if which == "hf-grouped":
             config._experts_implementation = "grouped_mm"
-        block = Qwen2MoeSparseMoeBlock(config)
+        block = block_class(config)
         for p in block.parameters():
             torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(1, tokens, d, requires_grad=True)
+    return block
+
+
+def moe_step(which: str):
+    """One MoE block's forward and backward over MOE_DIMS tokens."""
+    import torch
+
+    block = moe_block(which)  # x follows from the same random stream as the block's weights, as measured
+    tokens = MOE_DIMS["tokens"]
+    x = torch.randn(1, tokens, MOE_DIMS["dim"], requires_grad=True)
 
     def step():
         block(x).float().pow(2).mean().backward()
@@ -180,16 +216,16 @@ def step_of(arm: str):
     unknown = set(flags) - {"reuse", "malloc-default"}
     if unknown:
         raise SystemExit(f"peers: unknown arm flag(s) {sorted(unknown)} in {arm!r}; accepted: +reuse, +malloc-default")
-    if (name == "ours" and "malloc-default" not in flags) or "reuse" in flags:
+    if (name.startswith("ours") and "malloc-default" not in flags) or "reuse" in flags:
         from moa_train.hardware import reuse_freed_memory
 
         reuse_freed_memory()  # as moa-train's build_model does on CPU
     if kind == "hf":
         return hf_step()
-    if kind == "moe" and name in ("ours", "hf", "hf-grouped"):
+    if kind == "moe" and name in MOE_BLOCKS:
         return moe_step(name)
-    raise SystemExit(f"peers: unknown arm {arm!r}; accepted: cli-<ffn>, bare-<ffn>, hf-swiglu, moe-ours, moe-hf, "
-                     "moe-hf-grouped")
+    raise SystemExit(f"peers: unknown arm {arm!r}; accepted: cli-<ffn>, bare-<ffn>, hf-swiglu, "
+                     + ", ".join(f"moe-{block}" for block in MOE_BLOCKS))
 
 
 def worker(arm: str, steps: int, warmup: int) -> float:
@@ -281,11 +317,11 @@ def lockstep(arm: str, base: str, steps: int, warmup: int) -> list[float]:
 
 
 ARMS = ["hf-swiglu", "hf-swiglu+reuse", "cli-swiglu", "bare-swiglu", "cli-qd_moa", "bare-qd_moa", "moe-hf",
-        "moe-hf+reuse", "moe-ours"]
+        "moe-hf+reuse", "moe-ours", "moe-hf-mixtral", "moe-ours-mixtral"]
 
 
 PAIRS = ["cli-swiglu:hf-swiglu", "cli-qd_moa:hf-swiglu", "cli-swiglu:hf-swiglu+reuse", "moe-ours:moe-hf",
-         "moe-ours:moe-hf+reuse"]
+         "moe-ours:moe-hf+reuse", "moe-ours-mixtral:moe-hf-mixtral", "moe-ours-mixtral:moe-hf-mixtral+reuse"]
 
 
 def rounds(arms: list[str], n_rounds: int, steps: int, warmup: int) -> dict:
@@ -302,9 +338,10 @@ def rounds(arms: list[str], n_rounds: int, steps: int, warmup: int) -> dict:
             print(f"round {round_ + 1}: {arm:<{width}} {runs[arm][-1]:>10,.0f} tokens/s", flush=True)
     best = {a: max(v) for a, v in runs.items()}
     hf_lm = [a for a in arms if a.startswith("hf-")]
-    hf_moe = [a for a in arms if a.startswith("moe-hf")]
+    moe = {a: moe_block_kind(a.removeprefix("moe-").split("+")[0]) for a in arms if a.startswith("moe-")}
     pairs = [(arm, hf) for hf in hf_lm for arm in arms if arm.startswith(("cli-", "bare-"))]
-    pairs += [(arm, hf) for hf in hf_moe for arm in arms if arm.startswith("moe-ours")]
+    pairs += [(arm, hf) for hf, (hf_side, block) in moe.items() if hf_side == "hf"
+              for arm, (side, arm_block) in moe.items() if side == "ours" and arm_block == block]
     ratios = {f"{a} / {b}": best[a] / best[b] for a, b in pairs}
     round_ratios = {f"{a} / {b}": [x / y for x, y in zip(runs[a], runs[b])] for a, b in pairs}
     print("\nbest of the rounds (tokens/s) and ratios:")
@@ -321,16 +358,23 @@ def rounds(arms: list[str], n_rounds: int, steps: int, warmup: int) -> dict:
             "median_round_ratios": {k: statistics.median(v) for k, v in round_ratios.items()}}
 
 
-def lockstep_pairs(pairs: list[str], steps: int, warmup: int) -> dict:
-    print(f"\nlockstep ({steps} steps of each arm, taking turns; speed-up = the other's step time over the arm's):")
+def lockstep_pairs(pairs: list[str], steps: int, warmup: int, runs: int = 1) -> dict:
+    """Each pair in lockstep `runs` times, fresh processes each time: the median of each run and of all pairs of
+    steps together (on this shared machine a pair's median moved by 15% between runs minutes apart)."""
+    print(f"\nlockstep ({steps} steps of each arm, taking turns, {runs} run(s) a pair; speed-up = the other's step "
+          "time over the arm's):")
     results = {}
     for pair in pairs:
         arm, base = pair.split(":")
-        ratios = lockstep(arm, base, steps, warmup)
+        per_run = [lockstep(arm, base, steps, warmup) for _ in range(runs)]
+        ratios = [r for run in per_run for r in run]
         q1, median, q3 = statistics.quantiles(ratios, n=4)
-        results[f"{arm} / {base}"] = {"median": median, "q1": q1, "q3": q3, "ratios": ratios}
-        print(f"  {arm + ' / ' + base:<32} median {median:.3f}   quartiles {q1:.3f}-{q3:.3f}   "
-              f"({sum(r > 1 for r in ratios)} of {len(ratios)} pairs faster)", flush=True)
+        run_medians = [statistics.median(run) for run in per_run]
+        results[f"{arm} / {base}"] = {"median": median, "q1": q1, "q3": q3, "run_medians": run_medians,
+                                      "ratios": ratios}
+        by_run = f"   runs: {', '.join(f'{m:.3f}' for m in run_medians)}" if runs > 1 else ""
+        print(f"  {arm + ' / ' + base:<40} median {median:.3f}   quartiles {q1:.3f}-{q3:.3f}   "
+              f"({sum(r > 1 for r in ratios)} of {len(ratios)} pairs faster){by_run}", flush=True)
     return results
 
 
@@ -342,6 +386,7 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--pairs", default=",".join(PAIRS), help="ARM:BASE pairs run in lockstep ('': none)")
     parser.add_argument("--lockstep-steps", type=int, default=30)
+    parser.add_argument("--lockstep-runs", type=int, default=1, help="lockstep runs of each pair, fresh processes each")
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
@@ -354,13 +399,22 @@ def main() -> None:
         return
     import torch
 
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "python": platform.python_version(), "torch": torch.__version__,
+    from moa_train.hardware import cpu_name
+
+    try:
+        from importlib.metadata import version
+
+        transformers_version = version("transformers")
+    except ImportError:
+        transformers_version = None
+    report = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+              "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                          "torch": torch.__version__, "transformers": transformers_version,
                           "threads": torch.get_num_threads()}, "dims": DIMS, "moe_dims": MOE_DIMS}
     if args.rounds:
         report.update(rounds(args.arms.split(","), args.rounds, args.steps, args.warmup))
     if args.pairs:
-        report["lockstep"] = lockstep_pairs(args.pairs.split(","), args.lockstep_steps, args.warmup)
+        report["lockstep"] = lockstep_pairs(args.pairs.split(","), args.lockstep_steps, args.warmup, args.lockstep_runs)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -234,3 +234,34 @@ def test_update_load_balance_moves_biases_of_every_layer():
     for block in model.layers:
         assert block.ffn.router.expert_bias.abs().sum() > 0
         assert block.ffn.step_load.sum() == 0 and block.ffn.logged_load.sum() == 2 * 32 * 4
+
+
+def test_the_peers_benchmarks_mixtral_arms_are_the_same_block():
+    """benchmarks/peers.py times moa-train's block set up as Mixtral's against transformers' Mixtral block: given
+    the same weights, both compute the same output and input gradient (so the ratio compares like with like)."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("peers", Path(__file__).parents[1] / "benchmarks" / "peers.py")
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    ours, theirs = peers.moe_block("ours-mixtral"), peers.moe_block("hf-mixtral")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    hidden = peers.MOE_DIMS["expert_hidden"]
+    with torch.no_grad():
+        ours.router.weight.copy_(theirs.gate.weight)
+        ours.experts.w1.weight.copy_(theirs.experts.gate_up_proj[:, :hidden])  # gate
+        ours.experts.w2.weight.copy_(theirs.experts.gate_up_proj[:, hidden:])  # up
+        ours.experts.output_projection.weight.copy_(theirs.experts.down_proj)
+    x = torch.randn(1, 512, peers.MOE_DIMS["dim"], generator=torch.Generator().manual_seed(0))
+    grads = []
+    for block in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), xi.grad))
+    (out_ours, grad_ours), (out_theirs, grad_theirs) = grads
+    assert out_theirs.abs().max() > 0.01
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-4, atol=1e-6)
