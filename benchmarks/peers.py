@@ -31,7 +31,7 @@ of BASE's step time over ARM's, with its quartiles. A cli arm there is the moa-t
 process, its Trainer driven step by step; a step's time is what its metrics row reports.
 
     python benchmarks/peers.py --rounds 3 --json benchmarks/peers_cpu.json
-    python benchmarks/peers.py --rounds 0 --pairs cli-swiglu:hf-swiglu,moe-ours:moe-hf
+    python benchmarks/peers.py --rounds 0 --lockstep-runs 3 --pairs cli-swiglu:hf-swiglu,moe-ours-mixtral:moe-hf-mixtral
 """
 
 from __future__ import annotations
