@@ -53,7 +53,7 @@ def cpu_peak_flops(directory: Path) -> float:
     cache's) per machine: the best of the first PEAK_PROBES runs' probes. One probe can land in a slow phase of a
     shared machine (seen: 100 against 175 GFLOP/s), which would leave MFU above 100% for good; probes from
     different runs, seconds to hours apart, rarely all do."""
-    key = f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    key = peak_cache_key()
     path = directory / PEAK_FILE
     try:
         known = json.loads(path.read_text())
@@ -71,6 +71,11 @@ def cpu_peak_flops(directory: Path) -> float:
     except OSError:
         pass
     return peak
+
+
+def peak_cache_key() -> str:
+    """What a cached peak holds for: this machine, thread count and torch version."""
+    return f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 def _cached_peak(entry) -> tuple[float, int]:

@@ -51,7 +51,7 @@ def test_the_cpu_peak_is_the_best_of_the_first_runs_probes_per_machine_and_threa
 
 
 def test_an_older_caches_single_figure_counts_as_one_probe(tmp_path, monkeypatch):
-    key = f"{hardware.cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    key = hardware.peak_cache_key()
     (tmp_path / hardware.PEAK_FILE).write_text(json.dumps({key: 1.6e11}))
     monkeypatch.setattr(hardware, "measure_matmul_flops", lambda: 1.2e11)
     assert hardware.cpu_peak_flops(tmp_path) == 1.6e11  # a lower probe does not lower the peak
