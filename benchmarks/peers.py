@@ -216,10 +216,16 @@ def step_of(arm: str):
     unknown = set(flags) - {"reuse", "malloc-default"}
     if unknown:
         raise SystemExit(f"peers: unknown arm flag(s) {sorted(unknown)} in {arm!r}; accepted: +reuse, +malloc-default")
-    if (name.startswith("ours") and "malloc-default" not in flags) or "reuse" in flags:
+    if name.startswith("ours"):  # as moa-train's build_model does on CPU: the allocator, the linear layers' backend
+        import torch
+
+        from moa_train.parallel import configure_backends
+
+        configure_backends(torch.device("cpu"), reuse_freed_memory="malloc-default" not in flags)
+    elif "reuse" in flags:
         from moa_train.hardware import reuse_freed_memory
 
-        reuse_freed_memory()  # as moa-train's build_model does on CPU
+        reuse_freed_memory()
     if kind == "hf":
         return hf_step()
     if kind == "moe" and name in MOE_BLOCKS:
@@ -321,7 +327,8 @@ ARMS = ["hf-swiglu", "hf-swiglu+reuse", "cli-swiglu", "bare-swiglu", "cli-qd_moa
 
 
 PAIRS = ["cli-swiglu:hf-swiglu", "cli-qd_moa:hf-swiglu", "cli-swiglu:hf-swiglu+reuse", "moe-ours:moe-hf",
-         "moe-ours:moe-hf+reuse", "moe-ours-mixtral:moe-hf-mixtral", "moe-ours-mixtral:moe-hf-mixtral+reuse"]
+         "moe-ours:moe-hf+reuse", "moe-ours-mixtral:moe-hf-mixtral", "moe-ours-mixtral:moe-hf-mixtral+reuse",
+         "cli-swiglu:cli-swiglu+train.cpu_linear=blas"]  # the last: what oneDNN's products give (linear.py)
 
 
 def rounds(arms: list[str], n_rounds: int, steps: int, warmup: int) -> dict:

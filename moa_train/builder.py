@@ -21,7 +21,7 @@ from .parallel import configure_backends, parallelize
 def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     """The run's model on env.device, weights from train.seed (equal on every rank), compiled and
     wrapped for DDP / FSDP2 as cfg asks (parallel.py)."""
-    configure_backends(env.device, cfg.train.threads, cfg.train.cpu_reuse_freed_memory)
+    configure_backends(env.device, cfg.train.threads, cfg.train.cpu_reuse_freed_memory, cfg.train.cpu_linear)
     torch.manual_seed(cfg.train.seed)
     with env.device:
         model = model_class(cfg.model)(cfg.model, cfg.ffn)

@@ -247,6 +247,9 @@ class TrainConfig:
     # step's tensors do not fault in fresh pages (hardware.reuse_freed_memory; the resident set stays at its
     # peak). Process-wide once set; left alone where MALLOC_* or LD_PRELOAD tunes the allocator.
     cpu_reuse_freed_memory: bool = True
+    # CPU, float32: the linear layers' products through oneDNN or torch's BLAS (MKL), the same numbers to
+    # rounding (linear.py); auto: oneDNN on a CPU that is not Intel's, whose MKL takes a slow path there
+    cpu_linear: str = "auto"
     # Per device, for MFU; None: the datasheet figure of a known GPU, or on CPU a matmul probe (hardware.py)
     peak_tflops: float | None = None
     ckpt_every: int | None = 1000  # steps between checkpoints; None: only at the end and on SIGTERM/SIGUSR1
@@ -280,7 +283,7 @@ class RunConfig:
 NOT_THE_RUN = ("train.progress", "train.threads", "train.cpu_reuse_freed_memory", "train.resume", "train.ckpt_every",
                "train.ckpt_at_end", "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every",
                "train.peak_tflops", "train.activation_checkpointing", "train.activation_checkpointing_every",
-               "train.compile", "logger", "train.loss_chunk_tokens", "train.attention_min_head_dim",
+               "train.compile", "logger", "train.loss_chunk_tokens", "train.attention_min_head_dim", "train.cpu_linear",
                "optim.implementation", "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify",
                "data.images.workers")
 
@@ -347,6 +350,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 ADAMW_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # parallel.apply_activation_checkpointing
+CPU_LINEAR = ("auto", "blas", "onednn")  # linear.set_cpu_linear
 LOGGERS = ("jsonl", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 MODEL_FAMILIES = ("dense", "moe", "mae")  # mae: a ViT masked autoencoder, trained on data=images
@@ -546,6 +550,7 @@ def _check_train(t: DictConfig, vision: bool = False) -> None:
                               "auto, cpu")
     check_choice("train.dtype", t.dtype, DTYPES)
     check_choice("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    check_choice("train.cpu_linear", t.cpu_linear, CPU_LINEAR)
     check_positive("train.activation_checkpointing_every", t.activation_checkpointing_every)
     if vision:  # no vocabulary head, and validation is every validation image: the text keys below do not apply
         return

@@ -3,8 +3,9 @@ and how the CPU process's allocator keeps memory between steps.
 
 A GPU's peak is a datasheet figure (budget.PEAK_BF16_FLOPS). A CPU has no such figure that a run could
 trust (cores, vector width, clocks and the BLAS differ), so it is measured: a few float32 matmuls large
-enough to run at the BLAS's best, by the first few runs per machine, thread count and torch version, and
-the best rate remembered in `cpu-peak-flops.json` beside the data cache (`$MOA_TRAIN_CACHE`). MFU on CPU
+enough to run at their best, through the products the linear layers use (the BLAS or oneDNN: linear.py),
+by the first few runs per machine, thread count, torch version and that backend, and the best rate
+remembered in `cpu-peak-flops.json` beside the data cache (`$MOA_TRAIN_CACHE`). MFU on CPU
 is therefore a share of the matmul rate this machine reaches, not of a theoretical peak.
 """
 
@@ -20,30 +21,43 @@ from pathlib import Path
 
 import torch
 
+from .linear import cpu_linear_backend, linear
+
 PEAK_FILE = "cpu-peak-flops.json"
 PROBE_SIZE = 1024  # 2.1 GFLOP a matmul: ~15 ms at 150 GFLOP/s, large enough for the BLAS's blocked kernels
 PROBE_REPEATS = 8
 PEAK_PROBES = 3  # runs that probe before the cached best is trusted (cpu_peak_flops)
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo; '' where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    """GenuineIntel, AuthenticAMD, ...; '' where /proc/cpuinfo does not say."""
+    return _cpuinfo("vendor_id")
 
 
 def measure_matmul_flops(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> float:
-    """The best float32 matmul rate of this process's threads, in FLOP/s."""
+    """The best float32 matmul rate of this process's threads, in FLOP/s, through the products the model's
+    linear layers use (the BLAS or oneDNN: linear.py)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # the BLAS's first call sets up its buffers and threads
+    linear(a, b)  # the first call sets up buffers and threads
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        a @ b
+        linear(a, b)
         best = min(best, time.perf_counter() - started)
     return 2.0 * size**3 / best
 
@@ -74,8 +88,8 @@ def cpu_peak_flops(directory: Path) -> float:
 
 
 def peak_cache_key() -> str:
-    """What a cached peak holds for: this machine, thread count and torch version."""
-    return f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    """What a cached peak holds for: this machine, thread count, torch version and the linear layers' backend."""
+    return f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {cpu_linear_backend()}"
 
 
 def _cached_peak(entry) -> tuple[float, int]:

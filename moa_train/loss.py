@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .linear import linear
+
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the head's matmuls run in: the autocast dtype when autocast is on, as nn.Linear would."""
@@ -35,7 +37,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n_tokens, chunk):
                 h = hidden[start:start + chunk].to(dtype)
                 t = targets[start:start + chunk]
-                logits = (h @ w.t()).float()
+                logits = linear(h, w).float()  # oneDNN or the BLAS, as the model's other products (linear.py)
                 target_logits = logits.gather(1, t[:, None]).squeeze(1)
                 # One exp pass serves the loss and the gradient (logsumexp, then softmax, would take two)
                 row_max = logits.amax(dim=-1, keepdim=True)
@@ -49,7 +51,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0 / n_tokens
                 grad_logits = grad_logits.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:start + chunk] = grad_logits @ w
+                    grad_hidden[start:start + chunk] = linear(grad_logits, w.t())
                 if grad_weight is not None:
                     if dtype == torch.float32:
                         grad_weight.addmm_(grad_logits.t(), h)

@@ -25,6 +25,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from .ffn import FeedForward, build_ffn, ffn_hidden_dim
+from .linear import Linear
 from .model import attention
 
 
@@ -73,8 +74,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -108,10 +109,10 @@ class MaskedAutoencoder(nn.Module):
         self.encoder_layers = model_cfg.n_layers
         dim, ddim = model_cfg.dim, v.decoder_dim
 
-        self.patch_embed = nn.Linear(v.patch_size ** 2 * v.channels, dim)  # MAE's stride-p convolution, as a matmul
+        self.patch_embed = Linear(v.patch_size ** 2 * v.channels, dim)  # MAE's stride-p convolution, as a matmul
         self.cls_token = nn.Parameter(torch.zeros(dim))
         self.encoder_norm = nn.LayerNorm(dim, eps=model_cfg.norm_eps)
-        self.decoder_embed = nn.Linear(dim, ddim)
+        self.decoder_embed = Linear(dim, ddim)
         self.mask_token = nn.Parameter(torch.zeros(ddim))
         self.layers = nn.ModuleList(
             [ViTBlock(dim, model_cfg.n_heads, model_cfg.norm_eps, self._ffn(model_cfg, ffn_cfg, dim))
@@ -119,7 +120,7 @@ class MaskedAutoencoder(nn.Module):
             + [ViTBlock(ddim, v.decoder_heads, model_cfg.norm_eps, self._ffn(model_cfg, ffn_cfg, ddim))
                for _ in range(v.decoder_layers)])
         self.decoder_norm = nn.LayerNorm(ddim, eps=model_cfg.norm_eps)
-        self.output = nn.Linear(ddim, v.patch_size ** 2 * v.channels)  # the pixel head (optim role `head`)
+        self.output = Linear(ddim, v.patch_size ** 2 * v.channels)  # the pixel head (optim role `head`)
         # Fixed, not learned: recomputed by reset_buffers rather than held by checkpoints.
         self.register_buffer("pos_embed", sincos_2d(dim, self.grid), persistent=False)
         self.register_buffer("decoder_pos_embed", sincos_2d(ddim, self.grid), persistent=False)

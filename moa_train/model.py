@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from .ffn import FeedForward, build_ffn, ffn_hidden_dim
+from .linear import Linear
 from .loss import linear_cross_entropy
 from .moe import MoE
 
@@ -57,10 +58,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
-        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.wq = Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(n_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0):
         B, T, _ = x.shape
@@ -118,7 +119,7 @@ class Transformer(nn.Module):
             for layer_id in range(model_cfg.n_layers)
         )
         self.norm = nn.RMSNorm(dim, eps=model_cfg.norm_eps)
-        self.output = nn.Linear(dim, model_cfg.vocab_size, bias=False)
+        self.output = Linear(dim, model_cfg.vocab_size, bias=False)
         if model_cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 

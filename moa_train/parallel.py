@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import hardware
 from .distributed import DistEnv
+from .linear import set_cpu_linear
 from .utils import recomputing
 
 
@@ -31,7 +32,10 @@ def autocast_context(device: torch.device, dtype: str, mode: str = "none"):
     return contextlib.nullcontext()
 
 
-def configure_backends(device: torch.device, threads: int | None = None, reuse_freed_memory: bool = True) -> None:
+def configure_backends(device: torch.device, threads: int | None = None, reuse_freed_memory: bool = True,
+                       cpu_linear: str = "auto") -> None:
+    # oneDNN or the BLAS for the CPU's products (linear.py)
+    set_cpu_linear(cpu_linear if device.type == "cpu" else "blas", hardware.cpu_vendor())
     if threads:  # parallel sweep jobs share the cores: one thread each instead of all cores each
         torch.set_num_threads(threads)
     if device.type == "cpu" and reuse_freed_memory:  # no page faults for each step's new tensors (hardware.py)

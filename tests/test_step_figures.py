@@ -70,6 +70,19 @@ def test_the_matmul_probe_measures_a_plausible_rate():
     assert 1e8 < rate < 1e14  # between a very slow core and far more than any CPU
 
 
+def test_the_peak_is_kept_per_linear_backend(monkeypatch):
+    """The probe runs the products the linear layers use (linear.py), so each backend has its own peak."""
+    from moa_train import linear
+
+    before = linear.cpu_linear_backend()
+    monkeypatch.setattr(linear, "onednn_available", lambda: True)
+    try:
+        keys = [(linear.set_cpu_linear(mode), hardware.peak_cache_key())[1] for mode in ("blas", "onednn")]
+    finally:
+        linear.set_cpu_linear(before)
+    assert keys[0] != keys[1] and keys[0].endswith("| blas") and keys[1].endswith("| onednn")
+
+
 def test_peak_memory_follows_the_step_not_the_process():
     import mmap
 

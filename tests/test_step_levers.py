@@ -99,10 +99,11 @@ def test_fifty_steps_with_every_lever_equal_fifty_without(ffn, lr, tmp_path):
     torch's own fused AdamW against its for-loop one, from 1e-7 at step 30 to 1e-4 at step 50 (7e-4 at
     batch 16; 1e-2 at lr 3e-3), while SwiGLU's stays at 1e-7 throughout (docs/benchmarks.md)."""
     losses = {}
-    # model=tiny's heads of 32 are not padded by default (16 on CPU): padding to 64 is forced to cover that lever
-    for name, levers in (("on", ["train.attention_min_head_dim=64"]),
+    # model=tiny's heads of 32 are not padded by default (16 on CPU): padding to 64 is forced to cover that lever;
+    # oneDNN products are forced too, which are the default only on a CPU that is not Intel's (linear.py)
+    for name, levers in (("on", ["train.attention_min_head_dim=64", "train.cpu_linear=onednn"]),
                          ("off", ["train.loss_chunk_tokens=0", "optim.implementation=for-loop",
-                                  "train.attention_min_head_dim=0"])):
+                                  "train.attention_min_head_dim=0", "train.cpu_linear=blas"])):
         run_dir = tmp_path / name
         result = run_cli("model=tiny", f"ffn={ffn}", "train.max_steps=50", "train.batch_size=4", "train.seq_len=128",
                          f"optim.lr={lr}", "train.eval_every=50",

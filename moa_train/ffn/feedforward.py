@@ -4,7 +4,7 @@
     Type-II   W3 h(W1 x, W2 x)      h = silu(a) * b (SwiGLU), or a one / bi / qd mixture
 
 A dense FFN stores each projection as nn.Linear, (out, in); stacked experts store (E, out, in), as
-Muon orthogonalises and FSDP2 shards them. The forward takes `linear(x, weight)`: F.linear for a
+Muon orthogonalises and FSDP2 shards them. The forward takes `linear(x, weight)`: linear.linear for a
 dense FFN, a grouped matrix product over tokens sorted by expert for experts (moe/experts.py).
 What a variant computes comes from its row of FFN_REGISTRY; formulas in docs/design.md section 1.
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ..activations import ACTIVATIONS, accepted_names, canonical_name
 from ..errors import ConfigError, check_choice, check_positive
+from ..linear import Linear, linear
 from .gates import GATE_FUNCTIONS, INITS, Gates, gate_at_zero
 from .kernels import KERNELS, pair_mix, product_mix
 from .registry import FFN_REGISTRY, FFNSpec, ffn_hidden_dim
@@ -90,7 +90,7 @@ class StackedLinear(nn.Module):
 
 def _projection(in_features: int, out_features: int, n_experts: int | None) -> nn.Module:
     if n_experts is None:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features, bias=False)
     return StackedLinear(n_experts, in_features, out_features)
 
 
@@ -137,7 +137,7 @@ class FeedForward(nn.Module):
         """Parameters beyond the projections (gates, LA coefficients): what `ffn_extra` counts."""
         return list(self.gates.parameters()) if self.mixture is not None else []
 
-    def forward(self, x: torch.Tensor, linear=F.linear, expert_ids: torch.Tensor | int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear=linear, expert_ids: torch.Tensor | int | None = None) -> torch.Tensor:
         """x (..., d) -> (..., d). For experts: rows sorted by expert, `linear` the grouped product and
         `expert_ids` each row's expert (or one int for a single expert)."""
         lead = x.shape[:-1]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from ..linear import linear
 
 GATE_FUNCTIONS = ("sigmoid", "tanh", "softmax", "linear")
 INITS = ("uniform", "normalized", "baseline")
@@ -92,7 +93,7 @@ class Gates(nn.Module):
             nn.init.zeros_(self.bias)
         self.reset_buffers()
 
-    def forward(self, x: torch.Tensor, linear=F.linear, expert_ids: torch.Tensor | int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, linear=linear, expert_ids: torch.Tensor | int | None = None) -> torch.Tensor:
         """x: (N, d). `linear(x, weight)` projects each token with its own expert's matrix, and
         `expert_ids` (per token, or one int for a single expert) picks the experts' constants."""
         if self.mixture == "la":

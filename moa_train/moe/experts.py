@@ -17,10 +17,10 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ..ffn import FFN_REGISTRY, FeedForward
+from ..linear import linear
 
 GROUPED_MM = ("auto", "torch", "loop")
 
@@ -63,7 +63,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, back
         offsets = counts.cumsum(0).to(torch.int32)
         return _contiguous_grad(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
     pieces = x.split(counts.tolist())
-    return torch.cat([F.linear(piece, weight[e]) for e, piece in enumerate(pieces)])
+    return torch.cat([linear(piece, weight[e]) for e, piece in enumerate(pieces)])
 
 
 class GroupedExperts(FeedForward):
@@ -82,7 +82,7 @@ class GroupedExperts(FeedForward):
 
     def forward_expert(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert` alone on x (rows, d): the reference the grouped path must equal."""
-        return super().forward(x, lambda rows, weight: F.linear(rows, weight[expert]), expert)
+        return super().forward(x, lambda rows, weight: linear(rows, weight[expert]), expert)
 
 
 def expert_hidden_dim(expert_hidden: int, ffn_name: str, multiple_of: int) -> int:
