@@ -63,7 +63,7 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, back
         offsets = counts.cumsum(0).to(torch.int32)
         return _contiguous_grad(torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
     pieces = x.split(counts.tolist())
-    return torch.cat([linear(piece, weight[e]) for e, piece in enumerate(pieces)])
+    return torch.cat([linear(piece, w) for piece, w in zip(pieces, weight.unbind(0))])
 
 
 class GroupedExperts(FeedForward):
