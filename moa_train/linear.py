@@ -6,9 +6,10 @@ processors", not AVX-512): on a 2-core AMD EPYC (Zen 4) oneDNN, which torch also
 float32 products of the peers benchmark's shapes 1.1-1.2x faster (docs/benchmarks.md). So with
 `train.cpu_linear=onednn` (by default on a CPU that is not Intel's) the model's linear layers and the
 output head (loss.py) run their forward product and the input gradient's through oneDNN. The weight
-gradient, a product over all tokens, stays with the BLAS, which ran it as fast or faster in every shape
-measured. Both are float32 throughout: the results differ from the BLAS's in rounding only (the order
-of the sums), as those of two BLAS builds do.
+gradient, a product over all tokens, stays with the BLAS: oneDNN ran it at 0.6-0.85x in the same form,
+and at 0.96-1.06x with both operands transposed, not enough for a path of its own. Both are float32
+throughout: the results differ from the BLAS's in rounding only (the order of the sums), as those of two
+BLAS builds do.
 
 The switch is process-wide, as torch's own backend flags are (configure_backends sets it from the run's
 config); it applies to float32 CPU tensors outside autocast, and every other call is plain `F.linear`.
