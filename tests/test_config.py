@@ -275,8 +275,17 @@ for model_name in sys.argv[1:]:  # architectures one after another in this proce
         model.eval()
         run.append(model(tokens[1, 0, :, :-1], tokens[1, 0, :, 1:]).item())
     losses.append(run)
+print(json.dumps(dict(torch._dynamo.utils.counters["aot_autograd"])))
 print(json.dumps(losses))
 """
+
+
+def _compiled_runs(*models, env=None):
+    """The losses of COMPILED_RUNS over `models` in a fresh process, and its AOTAutograd cache counters."""
+    done = subprocess.run([sys.executable, "-c", COMPILED_RUNS, *models], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counters, losses = done.stdout.strip().splitlines()[-2:]
+    return json.loads(losses), json.loads(counters)
 
 
 @pytest.mark.slow
@@ -284,16 +293,25 @@ def test_a_compiled_run_does_not_depend_on_what_its_process_compiled_before():
     """A sweep job process compiles each architecture it meets and keeps them all (make study interleaves
     architectures on purpose): a compiled run's numbers must be those it has in a fresh process."""
 
-    def runs(*models):
-        done = subprocess.run([sys.executable, "-c", COMPILED_RUNS, *models], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    alone = runs("dense_60k")[0]
-    after_others = runs("dense_40k", "dense_60k", "dense_40k")
+    alone = _compiled_runs("dense_60k")[0][0]
+    after_others = _compiled_runs("dense_40k", "dense_60k", "dense_40k")[0]
     assert after_others[1] == alone  # bitwise, training and evaluation
     assert after_others[2] == after_others[0]  # and the first architecture again after another
     assert after_others[0] != alone
+
+
+@pytest.mark.slow
+def test_a_process_that_finds_the_compiled_graphs_on_disk_trains_as_the_one_that_compiled_them(tmp_path):
+    """A sweep's parallel jobs share inductor's on-disk cache: the second process to compile an architecture
+    takes every graph from AOTAutograd's cache, MoA mixing kernels' autograd Functions included
+    (parallel.cache_compiled_autograd_functions), and its numbers are those of the process that compiled."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    first, first_counters = _compiled_runs("dense_40k", env=env)
+    second, second_counters = _compiled_runs("dense_40k", env=env)
+    assert second == first  # bitwise, training and evaluation
+    assert first_counters.get("autograd_cache_hit", 0) == 0 and first_counters.get("autograd_cache_saved", 0) >= 2
+    assert second_counters.get("autograd_cache_hit", 0) == first_counters["autograd_cache_saved"]
+    assert second_counters.get("autograd_cache_bypass", 0) == 0 and second_counters.get("autograd_cache_miss", 0) == 0
 
 
 def test_an_optuna_learning_rate_search_reports_its_best_run(tmp_path):
