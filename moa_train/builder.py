@@ -14,7 +14,7 @@ from .distributed import DistEnv
 from .ffn import FFN_REGISTRY
 from .loss import chunk_tokens
 from .mae import MaskedAutoencoder, SelfAttention, part_counts
-from .model import Attention, Transformer, attention_min_head_dim
+from .model import Attention, Transformer, attention_min_head_dim, attention_split_queries
 from .parallel import configure_backends, parallelize
 
 
@@ -30,9 +30,12 @@ def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
         model.loss_chunk_tokens = chunk_tokens(cfg.train.loss_chunk_tokens, cfg.model.vocab_size,
                                                cfg.train.seq_len, env.device.type)
     min_head_dim = attention_min_head_dim(cfg.train.attention_min_head_dim, env.device.type)
+    split_queries = attention_split_queries(cfg.train.attention_split_queries, env.device.type)
     for module in model.modules():
         if isinstance(module, (Attention, SelfAttention)):
             module.min_head_dim = min_head_dim
+        if isinstance(module, Attention):  # causal: the ViT's attention sees every patch
+            module.split_queries = split_queries
     return parallelize(model, env, cfg.train.compile, cfg.train.dtype, cfg.train.activation_checkpointing,
                        cfg.train.activation_checkpointing_every)
 

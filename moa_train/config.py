@@ -241,6 +241,10 @@ class TrainConfig:
     # Attention heads narrower than this are zero-padded to it before SDPA (same numbers: model.attention);
     # null: 16 on CPU, where the flash kernel runs narrow heads slowly, off elsewhere; 0: off
     attention_min_head_dim: int | None = None
+    # Causal self-attention over 128-512 positions as two SDPA calls, the halves of the queries, so that the
+    # quarter of the scores above the diagonal is never computed (the same numbers to rounding:
+    # model.causal_in_halves); null: on CPU, whose flash kernel computes it otherwise, off elsewhere
+    attention_split_queries: bool | None = None
     progress: bool = True
     threads: int | None = None  # CPU threads of this process's torch ops; None: torch's default (all cores)
     # CPU: glibc's malloc keeps freed memory for the next step instead of returning it to the kernel, so a
@@ -283,7 +287,8 @@ class RunConfig:
 NOT_THE_RUN = ("train.progress", "train.threads", "train.cpu_reuse_freed_memory", "train.resume", "train.ckpt_every",
                "train.ckpt_at_end", "train.keep_checkpoints", "train.skip_nonfinite_steps", "train.log_every",
                "train.peak_tflops", "train.activation_checkpointing", "train.activation_checkpointing_every",
-               "train.compile", "logger", "train.loss_chunk_tokens", "train.attention_min_head_dim", "train.cpu_linear",
+               "train.compile", "logger", "train.loss_chunk_tokens", "train.attention_min_head_dim",
+               "train.attention_split_queries", "train.cpu_linear",
                "optim.implementation", "dry_run", "dist", "sweep", "hydra", "data.cache_dir", "data.verify",
                "data.images.workers")
 

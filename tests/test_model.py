@@ -9,9 +9,19 @@ import torch
 import torch.nn as nn
 
 from conftest import compose_config
+from moa_train import model as model_module
 from moa_train.activations import ABBREVIATIONS, ACTIVATIONS, canonical_name, get_activation
 from moa_train.ffn import FFN_REGISTRY
-from moa_train.model import Transformer, apply_rope, attention, attention_min_head_dim, causal_mask, rope_tables
+from moa_train.model import (
+    SPLIT_QUERIES_LENGTHS,
+    Transformer,
+    apply_rope,
+    attention,
+    attention_min_head_dim,
+    attention_split_queries,
+    causal_mask,
+    rope_tables,
+)
 from moa_train.optim import build_optimizer, parameter_roles
 
 
@@ -52,6 +62,59 @@ def test_zero_padded_heads_give_the_same_attention_and_gradients(queries, keys):
         assert plain.abs().max() > 0.1  # a real comparison, not of zeros
     assert attention_min_head_dim(None, "cpu") == 16 and attention_min_head_dim(None, "cuda") == 0
     assert attention_min_head_dim(0, "cpu") == 0
+
+
+@pytest.mark.parametrize("head_dim, min_head_dim", [(10, 16), (16, 0)])
+def test_causal_attention_in_two_halves_equals_one_call(head_dim, min_head_dim, monkeypatch):
+    """The CPU speed lever splits the queries of causal self-attention in halves: the output and the
+    gradients of q, k, v are SDPA's in one call, with padded heads too; the split is taken for lengths in
+    SPLIT_QUERIES_LENGTHS only, never for cached keys (prefill of a chunk, decoding) nor an odd length."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[-2])
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", counting)
+    torch.manual_seed(0)
+    length = SPLIT_QUERIES_LENGTHS[0]
+    leaves = [torch.randn(2, 3, length, head_dim, requires_grad=True) for _ in range(3)]
+    upstream = torch.randn(2, 3, length, head_dim)
+    results = []
+    for split in (False, True):
+        calls.clear()
+        out = attention(*leaves, min_head_dim, split, **causal_mask(length, length, "cpu"))
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), leaves)))
+        assert calls == ([length // 2, length // 2] if split else [length])
+    for whole, halves in zip(*results):
+        torch.testing.assert_close(halves, whole, rtol=1e-5, atol=1e-6)
+        assert whole.abs().max() > 0.1
+    for queries, keys in [(SPLIT_QUERIES_LENGTHS[0] // 2,) * 2, (SPLIT_QUERIES_LENGTHS[1] * 2,) * 2,
+                          (length - 1, length - 1), (length // 2, length), (1, length)]:
+        calls.clear()
+        q, k = torch.randn(1, 1, queries, 16), torch.randn(1, 1, keys, 16)
+        attention(q, k, k, 0, True, **causal_mask(queries, keys, "cpu"))
+        assert calls == [queries], (queries, keys)
+    calls.clear()
+    attention(*(torch.randn(1, 1, length, 16) for _ in range(3)), 0, True)  # not causal (the ViT): one call
+    assert calls == [length]
+    assert attention_split_queries(None, "cpu") and not attention_split_queries(None, "cuda")
+    assert not attention_split_queries(False, "cpu") and attention_split_queries(True, "cuda")
+
+
+def test_the_builder_sets_the_attention_levers_from_the_config():
+    from moa_train.builder import build_model
+    from moa_train.distributed import init_distributed
+    from moa_train.model import Attention
+
+    env = init_distributed("none", "cpu")
+    for value, expected in (("null", True), ("false", False)):
+        model = build_model(compose_config("model=tiny", f"train.attention_split_queries={value}",
+                                           "train.attention_min_head_dim=0"), env)
+        modules = [m for m in model.modules() if isinstance(m, Attention)]
+        assert len(modules) == len(model.layers)
+        assert all(m.split_queries is expected and m.min_head_dim == 0 for m in modules)
 
 
 def test_padded_heads_leave_the_model_output_unchanged():

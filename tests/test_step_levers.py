@@ -103,7 +103,8 @@ def test_fifty_steps_with_every_lever_equal_fifty_without(ffn, lr, tmp_path):
     # oneDNN products are forced too, which are the default only on a CPU that is not Intel's (linear.py)
     for name, levers in (("on", ["train.attention_min_head_dim=64", "train.cpu_linear=onednn"]),
                          ("off", ["train.loss_chunk_tokens=0", "optim.implementation=for-loop",
-                                  "train.attention_min_head_dim=0", "train.cpu_linear=blas"])):
+                                  "train.attention_min_head_dim=0", "train.attention_split_queries=false",
+                                  "train.cpu_linear=blas"])):
         run_dir = tmp_path / name
         result = run_cli("model=tiny", f"ffn={ffn}", "train.max_steps=50", "train.batch_size=4", "train.seq_len=128",
                          f"optim.lr={lr}", "train.eval_every=50",
