@@ -9,20 +9,22 @@ import torch
 import torch.nn.functional as F
 
 from conftest import read_jsonl, run_cli
-from moa_train.loss import chunk_tokens, linear_cross_entropy
+from moa_train.loss import TRANSPOSED_WEIGHT_GRADIENT_MAX_WIDTH, chunk_tokens, linear_cross_entropy
 
 
 def _reference(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.t()).float(), targets)
 
 
-@pytest.mark.parametrize("n_tokens, chunk", [(96, 32), (100, 32), (64, 64), (64, 500)])
-def test_chunked_head_and_loss_equal_cross_entropy_with_gradients(n_tokens, chunk):
+@pytest.mark.parametrize("n_tokens, chunk, width", [(96, 32, 48), (100, 32, 48), (64, 64, 48), (64, 500, 48),
+                                                     (100, 32, TRANSPOSED_WEIGHT_GRADIENT_MAX_WIDTH + 16)])
+def test_chunked_head_and_loss_equal_cross_entropy_with_gradients(n_tokens, chunk, width):
     """Loss, d/d(hidden) and d/d(weight) as F.cross_entropy's, with a ragged last chunk and a chunk larger
-    than the batch; the incoming gradient (here 0.25, as under gradient accumulation) scales both."""
+    than the batch, the weight gradient formed transposed (narrow) or not (wide); the incoming gradient
+    (here 0.25, as under gradient accumulation) scales both."""
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n_tokens, 48, generator=generator)
-    weight = torch.randn(300, 48, generator=generator) * 0.5
+    hidden = torch.randn(n_tokens, width, generator=generator)
+    weight = torch.randn(300, width, generator=generator) * 0.5
     targets = torch.randint(0, 300, (n_tokens,), generator=generator)
     grads = []
     for loss_fn in (_reference, lambda h, w, t: linear_cross_entropy(h, w, t, chunk)):
@@ -34,6 +36,7 @@ def test_chunked_head_and_loss_equal_cross_entropy_with_gradients(n_tokens, chun
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
     torch.testing.assert_close(grad_h, ref_h, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-7)
+    assert grad_w.is_contiguous()  # the parameter's layout, whichever way the product was formed
     assert grad_h.abs().sum() > 0 and grad_w.abs().sum() > 0
 
 
