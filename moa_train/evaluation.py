@@ -29,6 +29,8 @@ def evaluate(model, batches, env: DistEnv, autocast,
             if vision:  # y: the mask noise; the loss is the reconstruction error of each image's masked patches
                 with autocast:
                     losses = model(x, y, reduction="none").float()
+                for recorder in recorders.values():
+                    recorder.collect()
                 total[0] += (losses * weight).sum().double()
                 total[1] += weight.sum().double()
                 continue
@@ -36,6 +38,8 @@ def evaluate(model, batches, env: DistEnv, autocast,
                 detail.tokens = torch.where(weight[:, None] > 0, x, -1).flatten()
             with autocast:
                 logits = model(x)
+            for recorder in recorders.values():
+                recorder.collect()
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
             total[0] += (losses.sum(1) * weight).sum().double()
             total[1] += (weight * y.shape[1]).sum().double()

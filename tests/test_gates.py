@@ -44,7 +44,42 @@ def test_the_recorder_sums_equal_the_gates_it_saw():
         mask = tokens.flatten() == token
         assert recorder.token_count[token] == mask.sum()
         assert torch.allclose(recorder.token_sum[token], gates[mask].sum(0))
-    assert ffn.gates.recorder is None  # detached after the block
+    assert ffn.gates.stash is None  # detached after the block
+
+
+@pytest.mark.slow
+def test_a_compiled_model_records_its_gates_without_a_graph_break():
+    """Evaluation records the gates from inside compiled blocks: each forward pass stashes the coefficients
+    as one more output of the block's graph (no break, no second graph per block), and the recordings,
+    histograms and per-token sums included, are those of the same model run eagerly."""
+    from conftest import compose_config
+    from moa_train.builder import build_model
+    from moa_train.distributed import init_distributed
+
+    env = init_distributed("none", "cpu")
+    tokens = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(3))
+    recordings = {}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for compiled in (False, True):
+        model = build_model(compose_config("model=tiny", "ffn=qd_moa", f"train.compile={compiled}",
+                                           "ffn.gate_init_std=0.5"), env).eval()
+        detail = GateDetail(vocab_size=4096, bins=10)
+        with torch.no_grad(), recording_gates(model, detail) as recorders:
+            for batch in tokens.split(1):
+                detail.tokens = batch.flatten()
+                model(batch)
+                for recorder in recorders.values():
+                    recorder.collect()
+        recordings[compiled] = recorders
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    assert len(recordings[True]) == len(model.layers)  # one recorder per layer
+    for name, eager in recordings[False].items():
+        compiled = recordings[True][name]
+        assert compiled.count == eager.count == tokens.numel()
+        for key in ("sum", "sum_sq", "histogram", "token_sum", "token_count"):
+            torch.testing.assert_close(getattr(compiled, key), getattr(eager, key), rtol=1e-5, atol=1e-6)
+        assert eager.sum.std() > 0  # gates that differ by entry: a comparison of more than constants
 
 
 def test_padding_rows_stay_out_of_the_recording():

@@ -70,7 +70,10 @@ class Gates(nn.Module):
             self.weight = nn.Parameter(torch.empty(*stack, groups * n, dim))  # U
             self.bias = nn.Parameter(torch.empty(*stack, groups * n)) if gate_bias else None
             self.register_buffer("offset", torch.zeros(n), persistent=False)
-        self.recorder: GateRecorder | None = None  # set while an evaluation records the gates
+        # While an evaluation records the gates: a list of (coefficients, rows, in token order) per forward call,
+        # which its GateRecorder empties after each forward pass. Appending is traced into a compiled block as
+        # one more output; calling the recorder from here would break the block's graph in three.
+        self.stash: list | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -105,8 +108,8 @@ class Gates(nn.Module):
                 logits = logits + (self.bias if expert_ids is None else self.bias[expert_ids])
             logits = logits.view(x.shape[0], self.groups, -1)
             coefficients = self._phi(logits) + self.offset.to(logits.dtype)
-        if self.recorder is not None:
-            self.recorder.add(coefficients, x.shape[0], in_token_order=expert_ids is None)
+        if self.stash is not None:
+            self.stash.append((coefficients.detach(), x.shape[0], expert_ids is None))
         return coefficients
 
     def _phi(self, logits: torch.Tensor) -> torch.Tensor:
@@ -142,6 +145,7 @@ class GateRecorder:
     token order: dense FFNs and shared experts, not routed experts, whose rows are sorted by expert)."""
 
     def __init__(self, gates: Gates, detail: GateDetail | None = None):
+        self.gates = gates
         n, device = sum(gates.segments), gates.baseline.device
         self.detail = detail if gates.mixture == "moa" else None  # LA coefficients are one value for all tokens
         self.count = 0
@@ -153,7 +157,14 @@ class GateRecorder:
             self.token_sum = torch.zeros(detail.vocab_size, n, dtype=torch.float64, device=device)
             self.token_count = torch.zeros(detail.vocab_size, dtype=torch.float64, device=device)
 
-    @torch.compiler.disable  # bookkeeping with side effects: never traced into a compiled block
+    def collect(self) -> None:
+        """Record what the Gates module stashed during the forward passes since the last call: call it after
+        each forward pass, while GateDetail.tokens still holds that pass's token ids."""
+        stash = self.gates.stash or []
+        while stash:
+            self.add(*stash.pop(0))
+
+    @torch.no_grad()
     def add(self, coefficients: torch.Tensor, n_rows: int, in_token_order: bool) -> None:
         values = coefficients.detach().double().mean(1)  # (rows or 1, n): the mean over gate groups
         if self.detail is None or values.shape[0] != n_rows:  # LA: one constant for every row, no distribution
@@ -195,16 +206,20 @@ def layer_name(module_path: str) -> str:
 
 @contextlib.contextmanager
 def recording_gates(model: nn.Module, detail: GateDetail | None = None):
-    """Record every Gates module of `model` while the block runs; yields {layer name: GateRecorder}."""
+    """Record every Gates module of `model` while the block runs; yields {layer name: GateRecorder}. Each forward
+    pass stashes its coefficients (Gates.stash); GateRecorder.collect records them, to be called after each pass
+    (the block's end collects what is left)."""
     modules = {layer_name(name): m for name, m in model.named_modules() if isinstance(m, Gates)}
     recorders = {name: GateRecorder(m, detail) for name, m in modules.items()}
-    for name, module in modules.items():
-        module.recorder = recorders[name]
+    for module in modules.values():
+        module.stash = []
     try:
         yield recorders
+        for recorder in recorders.values():  # what the last forward pass stashed, if the caller did not collect it
+            recorder.collect()
     finally:
         for module in modules.values():
-            module.recorder = None
+            module.stash = None
 
 
 def mean_gates(recorders: dict[str, GateRecorder], entry_names: dict[str, list[str]]) -> dict[str, dict[str, float]]:
