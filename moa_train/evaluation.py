@@ -29,20 +29,18 @@ def evaluate(model, batches, env: DistEnv, autocast,
             if vision:  # y: the mask noise; the loss is the reconstruction error of each image's masked patches
                 with autocast:
                     losses = model(x, y, reduction="none").float()
-                for recorder in recorders.values():
-                    recorder.collect()
-                total[0] += (losses * weight).sum().double()
-                total[1] += weight.sum().double()
-                continue
-            if detail is not None:  # the padding copies (weight 0) stay out of the gate recordings
-                detail.tokens = torch.where(weight[:, None] > 0, x, -1).flatten()
-            with autocast:
-                logits = model(x)
-            for recorder in recorders.values():
+                loss_sum, count = (losses * weight).sum(), weight.sum()
+            else:
+                if detail is not None:  # the padding copies (weight 0) stay out of the gate recordings
+                    detail.tokens = torch.where(weight[:, None] > 0, x, -1).flatten()
+                with autocast:
+                    logits = model(x)
+                losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+                loss_sum, count = (losses.sum(1) * weight).sum(), (weight * y.shape[1]).sum()
+            for recorder in recorders.values():  # what this pass stashed, while detail.tokens holds its ids
                 recorder.collect()
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-            total[0] += (losses.sum(1) * weight).sum().double()
-            total[1] += (weight * y.shape[1]).sum().double()
+            total[0] += loss_sum.double()
+            total[1] += count.double()
     if env.is_distributed:
         torch.distributed.all_reduce(total)
         for recorder in recorders.values():
