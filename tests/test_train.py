@@ -42,6 +42,23 @@ def test_tiny_swiglu_60_steps_val_loss_falls(tmp_path):
     assert (run_dir / "train.log").exists()
 
 
+@pytest.mark.slow
+def test_a_compiled_moa_run_compiles_one_graph_for_training_and_one_for_every_pass_without_gradients(tmp_path):
+    """The step-0 loss, the evaluations and the gate recordings all run a compiled block's one no-gradient graph
+    (the first loss inside a dropped gate recording): a third graph would cost about 1 s per architecture and
+    process, which a sweep pays for every variant it meets."""
+    import torch
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = compose_config("model=tiny", "ffn=qd_moa", "train.compile=true", "train.max_steps=2", "train.batch_size=2",
+                         "train.seq_len=32", "train.eval_every=2", "train.eval_tokens=128", "train.progress=false")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["train_loss"] > 0
+
+
 def test_step_zero_row_measures_the_untrained_model_without_disturbing_training(tmp_path):
     """Step 0 holds the untrained model's train loss (first step's samples) and val loss; measuring them changes
     nothing that follows, MoE load balancing included (tiny_moe balances with per-expert biases)."""
