@@ -15,13 +15,17 @@ from .ffn import FFN_REGISTRY
 from .loss import chunk_tokens
 from .mae import MaskedAutoencoder, SelfAttention, part_counts
 from .model import Attention, Transformer, attention_min_head_dim, attention_split_queries
-from .parallel import configure_backends, parallelize
+from .parallel import configure_backends, parallelize, remember_vector_isa_checks
 
 
 def build_model(cfg: DictConfig, env: DistEnv) -> nn.Module:
     """The run's model on env.device, weights from train.seed (equal on every rank), compiled and
     wrapped for DDP / FSDP2 as cfg asks (parallel.py)."""
     configure_backends(env.device, cfg.train.threads, cfg.train.cpu_reuse_freed_memory, cfg.train.cpu_linear)
+    if env.device.type == "cpu":  # compiled blocks and the MoA kernels: inductor's ISA checks remembered per machine
+        from .data import cache_root
+
+        remember_vector_isa_checks(cache_root(cfg.data))
     torch.manual_seed(cfg.train.seed)
     with env.device:
         model = model_class(cfg.model)(cfg.model, cfg.ffn)

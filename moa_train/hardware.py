@@ -12,7 +12,6 @@ is therefore a share of the matmul rate this machine reaches, not of a theoretic
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
 import resource
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .linear import cpu_linear_backend, linear
+from .utils import read_machine_cache, write_machine_cache
 
 PEAK_FILE = "cpu-peak-flops.json"
 PROBE_SIZE = 1024  # 2.1 GFLOP a matmul: ~15 ms at 150 GFLOP/s, large enough for the BLAS's blocked kernels
@@ -42,6 +42,11 @@ def _cpuinfo(field: str) -> str:
 
 def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (avx2, avx512f, amx_tile, ...); '' where /proc/cpuinfo does not say."""
+    return _cpuinfo("flags")
 
 
 def cpu_vendor() -> str:
@@ -69,21 +74,12 @@ def cpu_peak_flops(directory: Path) -> float:
     different runs, seconds to hours apart, rarely all do."""
     key = peak_cache_key()
     path = directory / PEAK_FILE
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = read_machine_cache(path)
     best, probes = _cached_peak(known.get(key))
     if probes >= PEAK_PROBES:
         return best
     peak = max(best, measure_matmul_flops())
-    try:  # a cache that cannot be written costs one probe per run, nothing more
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**known, key: {"peak": peak, "probes": probes + 1}}, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_machine_cache(path, {**known, key: {"peak": peak, "probes": probes + 1}})
     return peak
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import subprocess
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from . import hardware
 from .distributed import DistEnv
 from .linear import set_cpu_linear
-from .utils import recomputing
+from .utils import read_machine_cache, recomputing, write_machine_cache
 
 
 def use_bf16(device: torch.device, dtype: str) -> bool:
@@ -61,6 +64,55 @@ def cache_compiled_autograd_functions() -> None:
     then compiles a training step in 0.6 s instead of 2.2 s (`dense_80k` qd_moa, docs/benchmarks.md)."""
     if hasattr(torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"):
         torch._functorch.config.autograd_cache_allow_custom_autograd_functions = True
+
+
+VECTOR_ISA_FILE = "inductor-vector-isa.json"
+
+
+def remember_vector_isa_checks(directory: Path) -> None:
+    """Inductor checks, in each process that compiles for the CPU, which vector instruction sets (AVX2, AVX-512,
+    AMX, ...) its C++ compiler can build and load: about ten test programs, compiled once per inductor cache (8 s
+    after it is emptied) and each loaded in a fresh Python process every time (1.5 s a process, paid by every run
+    that compiles a block or an MoA kernel). The outcome depends on the CPU, the compiler and torch only, so a
+    passed check is remembered per machine beside the data cache (`directory`), as the matmul peak is
+    (hardware.py); a check that failed, or is not remembered, runs as inductor runs it."""
+    try:
+        from torch._inductor.cpu_vec_isa import VecISA
+    except ImportError:  # another torch: its own checks
+        return
+    check = getattr(VecISA, "check_build", None)
+    if check is None or getattr(check, "remembered_in", None) is not None:
+        return
+    path = directory / VECTOR_ISA_FILE
+
+    def remembered(isa, code: str) -> bool:
+        key = f"{type(isa).__name__} | {isa.build_arch_flags()} | {hashlib.sha256(code.encode()).hexdigest()[:16]}"
+        machine = _compiler_machine_key()
+        known = read_machine_cache(path)
+        if known.get(machine, {}).get(key) is True:
+            return True
+        passed = check(isa, code)
+        if passed:  # only a pass: a failure may be passing trouble (a full disk), not the machine
+            write_machine_cache(path, {**known, machine: {**known.get(machine, {}), key: True}})
+        return passed
+
+    remembered.remembered_in = path
+    VecISA.check_build = remembered
+
+
+@functools.cache
+def _compiler_machine_key() -> str:
+    """The CPU (its model and feature flags), the C++ compiler inductor calls (its path and version) and torch."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    compiler = get_cpp_compiler()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    flags = hardware.cpu_flags()
+    return (f"{hardware.cpu_name()} | flags {hashlib.sha256(flags.encode()).hexdigest()[:12]} | {compiler} "
+            f"{version.splitlines()[0] if version else '?'} | torch {torch.__version__}")
 
 
 def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:

@@ -1,11 +1,13 @@
 """Small helpers with no dependency on the rest of the package (nor on torch, so that the CLI starts fast):
-paths, dotted config keys, the ranks a launcher gave this process, and the flag of an
-activation-checkpointing recomputation."""
+paths, the per-machine JSON caches, dotted config keys, the ranks a launcher gave this process, and the flag
+of an activation-checkpointing recomputation."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -20,6 +22,28 @@ def display_path(path) -> str:
     absolute = os.path.abspath(path)
     relative = os.path.relpath(absolute)
     return absolute if relative.startswith("..") else relative
+
+
+def read_machine_cache(path: Path) -> dict:
+    """A per-machine cache beside the data cache (the CPU's matmul peak, inductor's vector ISA checks): {} when it
+    is missing or unreadable, which costs a measurement, nothing more."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def write_machine_cache(path: Path, value: dict) -> None:
+    """Replaced whole (a process that reads it meanwhile sees the old or the new file); one that cannot be written
+    costs the next process the measurement again, nothing more."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(value, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def flatten(tree, prefix: str = "") -> dict[str, Any]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
@@ -312,6 +314,46 @@ def test_a_process_that_finds_the_compiled_graphs_on_disk_trains_as_the_one_that
     assert first_counters.get("autograd_cache_hit", 0) == 0 and first_counters.get("autograd_cache_saved", 0) >= 2
     assert second_counters.get("autograd_cache_hit", 0) == first_counters["autograd_cache_saved"]
     assert second_counters.get("autograd_cache_bypass", 0) == 0 and second_counters.get("autograd_cache_miss", 0) == 0
+
+
+VECTOR_ISA_CHECKS = """
+import json, sys
+from pathlib import Path
+import torch._inductor.cpu_vec_isa as vec
+from moa_train.parallel import remember_vector_isa_checks
+
+loads = []  # the test programs inductor loads in a fresh Python process, one per check it runs
+probe = vec.VecISA._probe_load
+vec.VecISA._probe_load = lambda isa, path: loads.append(path) or probe(isa, path)
+if sys.argv[2] == "failing":
+    vec.VecISA.check_build = lambda isa, code: False
+remember_vector_isa_checks(Path(sys.argv[1]))
+isa = vec.pick_vec_isa()
+print(json.dumps({"isa": str(isa), "flags": isa.build_arch_flags(), "loads": len(loads)}))
+"""
+
+
+def _vector_isa_checks(cache: Path, mode: str = "real") -> dict:
+    done = subprocess.run([sys.executable, "-c", VECTOR_ISA_CHECKS, str(cache), mode], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="inductor checks x86 vector ISAs only")
+def test_inductors_vector_isa_checks_are_remembered_per_machine(tmp_path):
+    """A process that finds inductor's passed ISA checks in the machine cache runs none of them (each loads a
+    test program in a fresh Python process: 1.5 s a process) and picks the same ISA with the same flags; a check
+    that failed is not remembered, so the next process checks again."""
+    from moa_train.parallel import VECTOR_ISA_FILE
+
+    failing = _vector_isa_checks(tmp_path / "failing", "failing")
+    assert failing["isa"] == "INVALID_VEC_ISA" and not (tmp_path / "failing" / VECTOR_ISA_FILE).exists()
+    first = _vector_isa_checks(tmp_path / "cache")
+    second = _vector_isa_checks(tmp_path / "cache")
+    assert first["loads"] > 0 and second["loads"] == 0
+    assert (second["isa"], second["flags"]) == (first["isa"], first["flags"])
+    [checks] = json.loads((tmp_path / "cache" / VECTOR_ISA_FILE).read_text()).values()  # one machine
+    assert len(checks) == first["loads"] and all(passed is True for passed in checks.values())
 
 
 def test_an_optuna_learning_rate_search_reports_its_best_run(tmp_path):
