@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,35 @@ def write_machine_cache(path: Path, value: dict) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def in_forked_shares(shares: int, work: Callable[[int], str]) -> list[str | None]:
+    """work(0) in this process and work(1), ..., work(shares - 1) each in a forked copy of it, side by side; their
+    answers (short strings) in that order, None for a copy that failed. For pure-Python work that answers in a
+    line or leaves files (a sweep's config checks, a report's figures): a copy shares nothing back but its answer."""
+    children, answers = [], []
+    try:
+        for share in range(1, shares):
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the copy: its share, its answer, and out without this process's exit handlers
+                code = 1
+                try:
+                    os.close(read)
+                    os.write(write, work(share).encode())
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(write)
+            children.append((pid, read))
+        answers.append(work(0))
+    finally:
+        for pid, read in children:
+            with os.fdopen(read) as pipe:
+                answer = pipe.read()
+            _, status = os.waitpid(pid, 0)
+            answers.append(answer if status == 0 else None)
+    return answers
 
 
 def flatten(tree, prefix: str = "") -> dict[str, Any]:

@@ -316,6 +316,45 @@ def test_a_process_that_finds_the_compiled_graphs_on_disk_trains_as_the_one_that
     assert second_counters.get("autograd_cache_bypass", 0) == 0 and second_counters.get("autograd_cache_miss", 0) == 0
 
 
+def test_a_sweeps_configs_are_checked_in_parallel_and_the_first_bad_one_in_its_order_is_reported(tmp_path,
+                                                                                                monkeypatch):
+    """Hydra checks that every job's config composes before the first job starts; moa-train shares the checks
+    out to forked processes, and still reports the bad config that checking them in order would have found first,
+    with Hydra's own error."""
+    from types import SimpleNamespace
+
+    from hydra.plugins.sweeper import Sweeper
+
+    from moa_train import cli
+
+    monkeypatch.setattr(Sweeper, "validate_batch_is_legal", Sweeper.validate_batch_is_legal)  # undone after the test
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cli.validate_sweeps_in_parallel()
+    composed = tmp_path / "composed"
+
+    class Loader:
+        def load_sweep_config(self, master_config, sweep_overrides):
+            with open(composed, "a") as f:  # one short line: atomic
+                f.write(f"{os.getpid()} {sweep_overrides[0]}\n")
+            if "missing" in sweep_overrides[0]:
+                raise ConfigCompositionException(f"Could not find '{sweep_overrides[0]}'")
+
+    sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=Loader()), config={})
+    batch = [[f"train.seed={i}"] for i in range(40)]
+    Sweeper.validate_batch_is_legal(sweeper, batch)
+    lines = [line.split() for line in composed.read_text().splitlines()]
+    assert sorted(config for _, config in lines) == sorted(config for [config] in batch)  # each once
+    assert len({pid for pid, _ in lines}) == 2 and os.getpid() in {int(pid) for pid, _ in lines}
+
+    batch[21] = ["ffn=missing_first"]  # a child's share (odd positions)
+    batch[30] = ["ffn=missing_later"]  # this process's share, which it checks before hearing from the child
+    with pytest.raises(ConfigCompositionException, match="missing_first"):
+        Sweeper.validate_batch_is_legal(sweeper, batch)
+    composed.unlink()
+    Sweeper.validate_batch_is_legal(sweeper, batch[:16])  # too few to share out: checked here, one by one
+    assert {int(line.split()[0]) for line in composed.read_text().splitlines()} == {os.getpid()}
+
+
 VECTOR_ISA_CHECKS = """
 import json, sys
 from pathlib import Path
