@@ -26,9 +26,11 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from omegaconf import OmegaConf
 from .config import NOT_THE_RUN, FFNConfig, flat_with_defaults
 from .ffn import FFN_REGISTRY
 from .metrics import read_summary
-from .utils import under
+from .utils import in_forked_shares, under
 from .zero_shot import PAPER_TASKS
 
 # ffn keys that make two runs of the same ffn name different variants
@@ -314,6 +316,7 @@ def group_names(groups) -> dict[tuple, tuple[str, str]]:
 
 UNTUNED = "LR not tuned: one value"
 NICE_STEPS = (1, 2, 2.5, 5, 10)  # round tick spacings, times a power of ten
+FIGURES_PER_PROCESS = 4  # fewer to draw: not worth a forked process
 
 
 def format_count(x: float, pos: int | None = None) -> str:
@@ -442,6 +445,33 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+class Figures:
+    """A report's figures, named as they are planned and drawn together at the end, in forked shares side by side:
+    matplotlib draws on one core, and `make study`'s 20 figures took it 12 s."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.planned: list[tuple[Path, Callable]] = []
+
+    def plan(self, name: str, draw: Callable) -> Path:
+        """The figure's path; draw() returns its matplotlib figure when draw_all runs."""
+        self.planned.append((self.out / name, draw))
+        return self.out / name
+
+    def draw_all(self) -> None:
+        shares = max(1, min(os.cpu_count() or 1, len(self.planned) // FIGURES_PER_PROCESS))
+
+        def draw_share(share: int) -> str:
+            for path, draw in self.planned[share::shares]:
+                _save(draw(), path)
+            return "ok"
+
+        answers = in_forked_shares(shares, draw_share) if shares > 1 and hasattr(os, "fork") else [draw_share(0)]
+        for share, answer in enumerate(answers):
+            if answer is None:  # a copy that failed: its figures drawn again here, where the error shows
+                draw_share(share)
+
+
 def _title(head: str, all_untuned: bool, detail: str) -> str:
     """Two lines: what the plot shows (and that no LR was tuned, when none was), then how to read it."""
     return head + (f" ({UNTUNED})" if all_untuned else "") + f"\n({detail})"
@@ -511,12 +541,12 @@ def lr_figure(title: str, table: dict[str, VariantResult]):
     return fig, ax
 
 
-def plot_curves(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
-    return _save(curves_figure(title, table)[0], out / f"curves_{slug}.png")
+def plot_curves(title: str, slug: str, table: dict[str, VariantResult], figures: Figures) -> Path:
+    return figures.plan(f"curves_{slug}.png", lambda: curves_figure(title, table)[0])
 
 
-def plot_lr(title: str, slug: str, table: dict[str, VariantResult], out: Path) -> Path:
-    return _save(lr_figure(title, table)[0], out / f"lr_{slug}.png")
+def plot_lr(title: str, slug: str, table: dict[str, VariantResult], figures: Figures) -> Path:
+    return figures.plan(f"lr_{slug}.png", lambda: lr_figure(title, table)[0])
 
 
 def scaling_figure(setting: tuple, groups: list[tuple[tuple, dict[str, VariantResult]]]):
@@ -579,11 +609,11 @@ def gates_figure(title: str, gates: dict):
             ax.set_ylabel("share of tokens", fontsize=8)
         if k == 0 and len(layers) > 1:
             ax.legend(fontsize=6)
-    fig.tight_layout()
     return fig, heat
 
 
-def plot_gates(results: dict[tuple, dict[str, VariantResult]], names: dict, out: Path) -> dict[tuple, list[Path]]:
+def plot_gates(results: dict[tuple, dict[str, VariantResult]], names: dict,
+               figures: Figures) -> dict[tuple, list[Path]]:
     """Per group, a gate figure for each MoA variant whose best-LR runs hold gates.json (the lowest seed's)."""
     from .gate_report import read_gates
 
@@ -596,12 +626,13 @@ def plot_gates(results: dict[tuple, dict[str, VariantResult]], names: dict, out:
             if gates is None:
                 continue
             variant_slug = "".join(c if c.isalnum() or c in "_-" else "_" for c in variant)
-            fig, _ = gates_figure(f"{title_head}: {variant} at lr {format_lr(result.best_lr)}", gates)
-            paths[group].append(_save(fig, out / f"gates_{names[group][1]}_{variant_slug}.png"))
+            title = f"{title_head}: {variant} at lr {format_lr(result.best_lr)}"
+            paths[group].append(figures.plan(f"gates_{names[group][1]}_{variant_slug}.png",
+                                             lambda title=title, gates=gates: gates_figure(title, gates)[0]))
     return paths
 
 
-def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> list[Path]:
+def plot_scaling(results: dict[tuple, dict[str, VariantResult]], figures: Figures) -> list[Path]:
     """Terminal loss against total parameters, one plot per (budget, optimizer, schedule) with several sizes."""
     by_setting: dict[tuple, list[tuple[tuple, dict]]] = defaultdict(list)
     for group, table in results.items():
@@ -614,7 +645,8 @@ def plot_scaling(results: dict[tuple, dict[str, VariantResult]], out: Path) -> l
             continue
         shared = sum(other[:3] == key[:3] for other in by_setting) > 1
         slug = _slug(setting, key[3] if shared else None)
-        paths.append(_save(scaling_figure(setting, groups)[0], out / f"scaling_{slug}.png"))
+        paths.append(figures.plan(f"scaling_{slug}.png",
+                                  lambda setting=setting, groups=groups: scaling_figure(setting, groups)[0]))
     return paths
 
 
@@ -762,7 +794,8 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
              f"only is marked *{UNTUNED}*: its loss is not at a tuned rate.", ""]
     report = {"groups": [], "problems": []}
     names = group_names(results)
-    gate_plots = plot_gates(results, names, out)
+    figures = Figures(out)
+    gate_plots = plot_gates(results, names, figures)
     for group, table in results.items():
         model, budget, optim, schedule = group[:4]
         extra, slug = names[group]
@@ -785,7 +818,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
         downstream, downstream_json = downstream_lines(table)
         lines += downstream
         title = f"{model}, {budget}" + (f" ({extra})" if extra else "")
-        curves, lr_plot = plot_curves(title, slug, table, out), plot_lr(title, slug, table, out)
+        curves, lr_plot = plot_curves(title, slug, table, figures), plot_lr(title, slug, table, figures)
         lines += ["", f"![validation loss against tokens]({curves.name})", "", f"![terminal loss against LR]"
                   f"({lr_plot.name})", ""]
         if gate_plots.get(group):
@@ -807,7 +840,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
                                                "params": r.params, "tokens": r.tokens} for v, r in table.items()],
                                  "downstream": downstream_json,
                                  "plots": [curves.name, lr_plot.name, *(p.name for p in gate_plots.get(group, []))]})
-    scaling = plot_scaling(results, out)
+    scaling = plot_scaling(results, figures)
     if scaling:
         lines += ["## Across model sizes", ""]
         lines += [f"![terminal loss against parameters]({p.name})" for p in scaling] + [""]
@@ -821,6 +854,7 @@ def write_report(runs: list[Run], out: Path, sources: list[Path]) -> dict:
             report["problems"].append({"path": str(r.path), "status": r.status, "reason": r.reason})
     else:
         lines.append("None: every run completed.")
+    figures.draw_all()
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

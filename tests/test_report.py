@@ -417,3 +417,44 @@ def test_the_report_draws_the_downstream_table(tmp_path):
     assert "| variant | arc_challenge (acc_norm) | winogrande (acc) | average |" in text
     assert "| qd_moa | 23.00 | 52.00 | 37.50 |" in text and "| swiglu | 21.00 | 50.00 | 35.50 |" in text
     assert summary["qd_moa"]["average"] == pytest.approx(0.375)
+
+
+def test_figures_drawn_in_forked_shares_are_those_drawn_one_by_one(tmp_path, monkeypatch):
+    """The report draws its figures side by side in forked processes (matplotlib draws on one core); each file is
+    byte for byte the one a single process draws, also when a forked process fails and its share is drawn again."""
+    import os
+
+    from moa_train import report
+
+    runs = []
+    for size, params in (("s", 100), ("m", 200), ("l", 400), ("xl", 800)):  # 4 x (curves, lr) + scaling: 9
+        for run in _grid_runs():
+            run.config["model"]["name"], run.summary["params"]["total"] = size, params
+            runs.append(run)
+    drawn, drawers = {}, {}
+    parent = os.getpid()
+    real_curves, real_save = report.curves_figure, report._save
+
+    def save_noting_the_process(fig, path):
+        with open(path.parent / "drawers", "a") as f:  # one short line: atomic
+            f.write(f"{os.getpid()}\n")
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", save_noting_the_process)
+
+    def curves_failing_in_a_fork(*args):
+        if os.getpid() != parent:
+            raise RuntimeError("a forked share fails")
+        return real_curves(*args)
+
+    for cores, curves in ((1, real_curves), (2, real_curves), (2, curves_failing_in_a_fork)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        monkeypatch.setattr(report, "curves_figure", curves)
+        out = tmp_path / f"{cores}-{curves.__name__}"
+        write_report(runs, out, [Path("/runs")])
+        drawn[out.name] = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+        drawers[out.name] = set((out / "drawers").read_text().split())
+    serial, *forked = drawn.values()
+    assert len(serial) == 9
+    assert [len(pids) for pids in drawers.values()] == [1, 2, 2]  # the failed share's process, then this one
+    assert all(figures == serial for figures in forked)
