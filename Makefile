@@ -51,7 +51,7 @@ STUDY_DIR ?= docs/results/$(STUDY)
 # Each job process compiles an architecture once (about 11 s) and reuses it for that architecture's runs,
 # 1.2-1.3x faster than eager at dense_80k; threads and compile change only the last digits (NOT_THE_RUN).
 # The sweep lists the FFN variant last, so the two jobs compile different architectures and share the
-# kernels through inductor's on-disk cache (docs/benchmarks.md: 1,211 s for cpu_study, 2026-12-07).
+# kernels through inductor's on-disk cache (docs/benchmarks.md: 1,054 s for cpu_study, 2026-12-07, Intel Xeon).
 STUDY_JOBS ?= -1
 STUDY_FLAGS ?= train.compile=true
 study: install
