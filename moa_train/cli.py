@@ -214,7 +214,7 @@ SWEEP_CONFIGS_PER_PROCESS = 16  # fewer to check: not worth a process (a composi
 
 def validate_sweeps_in_parallel() -> None:
     """Hydra composes every job's config before a sweep's first job starts (Sweeper.validate_batch_is_legal), one
-    after another: 15 s for `make study`'s 144 on one core while the others wait. Forked processes share the
+    after another: 13-15 s for `make study`'s 144 on one core while the others wait. Forked processes share the
     compositions here; the error raised is Hydra's own for the first bad config in the sweep's order, as
     checking them one by one would raise."""
     from hydra.plugins.sweeper import Sweeper

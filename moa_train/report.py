@@ -447,7 +447,7 @@ def _save(fig, path: Path) -> Path:
 
 class Figures:
     """A report's figures, named as they are planned and drawn together at the end, in forked shares side by side:
-    matplotlib draws on one core, and `make study`'s 20 figures took it 12 s."""
+    matplotlib draws on one core, and `make study`'s 19 figures took it 9-12 s."""
 
     def __init__(self, out: Path):
         self.out = out
